@@ -1,0 +1,223 @@
+"""Benchmark kernels/fp8_gemm.py on one GPU (written for an H200), everything side by side in one run.
+
+    GEMM     the Triton block-scaled FP8 GEMM (tuned, and the plain configuration) against cuBLAS's
+             block-scaled FP8 (torch.nn.functional.scaled_mm, BlockWise1x128 x BlockWise128x128) and
+             bf16 torch.matmul, in TFLOP/s, at square, V4-like and decode shapes
+    quant    act_quant / weight_quant / dequant in GB/s (bytes read + written) against a
+             device-to-device copy measured the same way
+
+Correctness is checked first, against the PyTorch references on fresh random inputs. Timings are
+triton.testing.do_bench medians (it clears L2 before every call) over rotating input sets larger than L2.
+
+    python3 bench/bench_fp8_gemm.py                        # ~3-5 min on an H200, tuning included
+    python3 bench/bench_fp8_gemm.py --quick                # two GEMM shapes, a smoke test
+    python3 bench/bench_fp8_gemm.py --no-warp-specialize   # drop those tuning candidates
+"""
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels.fp8_gemm as fp8  # noqa: E402
+
+L2_BYTES = 50 * 2**20            # H200 L2; inputs rotate over enough copies to exceed it several times
+GEMM_SHAPES = [                  # (M, N, K)
+    (4096, 4096, 4096), (8192, 8192, 8192),
+    (4096, 7168, 2048), (4096, 2048, 7168),
+    (1, 7168, 2048), (16, 7168, 2048), (64, 7168, 2048), (128, 7168, 2048), (128, 2048, 7168),
+]
+QUICK_SHAPES = [(8192, 8192, 8192), (64, 7168, 2048)]
+
+
+def median_ms(fn, rep_ms):
+    return do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+
+
+def rotating(make, bytes_per_set):
+    """A function returning the next of enough input sets (made by `make`) to overflow L2 four times."""
+    sets = [make() for _ in range(max(2, -(-4 * L2_BYTES // bytes_per_set)))]
+    cycle = itertools.cycle(sets)
+    return lambda: next(cycle)
+
+
+def gemm_inputs(M, N, K):
+    """bf16 x [M, K] and w [N, K], their FP8 forms, and the weight scale in cuBLAS's layout."""
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    a, a_s = fp8.act_quant(x)                  # a_s column-major, strides (1, M): what cuBLAS wants
+    b, b_s = fp8.weight_quant(w)
+    # cuBLAS wants the 128x128 scales as [L4, Nb] with strides (1, L4), L4 = Kb rounded up to 4
+    b_s_cublas = F.pad(b_s, (0, -b_s.shape[1] % 4)).t()
+    return x, w, a, a_s, b, b_s, b_s_cublas
+
+
+def reference_gemm(a, a_s, b, b_s):
+    return fp8.dequant(a, a_s, 1, torch.float32) @ fp8.dequant(b, b_s, fp8.BLOCK, torch.float32).T
+
+
+def max_rel_err(y, ref):
+    return ((y.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def cublas_blockwise(a, a_s, b, b_s_cublas, ref):
+    """A callable (a, a_s, b, b_s_cublas) -> y through cuBLAS's block-scaled FP8 GEMM and its name, or
+    None and why not (an older torch, or a layout this version rejects)."""
+    calls = {"torch._scaled_mm": lambda a, a_s, b, b_s: torch._scaled_mm(
+        a, b.t(), scale_a=a_s, scale_b=b_s, out_dtype=torch.bfloat16)}
+    if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
+        calls = {"F.scaled_mm": lambda a, a_s, b, b_s: F.scaled_mm(
+            a, b.t(), a_s, F.ScalingType.BlockWise1x128, b_s, F.ScalingType.BlockWise128x128,
+            output_dtype=torch.bfloat16), **calls}
+    reasons = []
+    for name, call in calls.items():
+        try:
+            err = max_rel_err(call(a, a_s, b, b_s_cublas), ref)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 -- report why and try the next entry point
+            reasons.append(f"{name}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            continue
+        if err < 1e-2:
+            return call, name
+        reasons.append(f"{name}: ran but max relative error {err:.3g}")
+    return None, "unavailable -- " + "; ".join(reasons)
+
+
+def check_correctness(shapes):
+    print("== correctness against the PyTorch references (fresh random inputs) ==")
+    ok = True
+    for M, K in [(4096, 7168), (1000, 2100), (1, 2048)]:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16) * torch.rand(M, 1, device="cuda") * 10
+        (q, s), (q_ref, s_ref) = fp8.act_quant(x), fp8.act_quant_ref(x)
+        wq, ws = fp8.weight_quant(x)
+        wq_ref, ws_ref = fp8.weight_quant_ref(x)
+        same = (torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+                and torch.equal(wq.view(torch.uint8), wq_ref.view(torch.uint8)) and torch.equal(ws, ws_ref)
+                and torch.equal(fp8.dequant(q, s, 1), fp8.dequant_ref(q, s, 1))
+                and torch.equal(fp8.dequant(wq, ws, 128), fp8.dequant_ref(wq, ws, 128)))
+        ok &= same
+        print(f"quant/dequant [{M}, {K}] bit-identical to reference: {same}")
+    for M, N, K in [(4096, 7168, 2048), (1000, 2100, 1100), (1, 7168, 2048)] + shapes[:1]:
+        _, _, a, a_s, b, b_s, _ = gemm_inputs(M, N, K)
+        ref = reference_gemm(a, a_s, b, b_s)
+        for label, cfg in (("tuned", None), ("plain", fp8.PLAIN_CONFIG)):
+            err = max_rel_err(fp8.fp8_gemm(a, a_s, b, b_s, config=cfg), ref)
+            ok &= err < 1e-2
+            print(f"fp8_gemm {label:5s} ({M}, {N}, {K}): max |y - ref| / max |ref| = {err:.2e}")
+    print(f"correctness: {'PASS' if ok else 'FAIL'}\n")
+    return ok
+
+
+def bench_gemm(M, N, K, rep_ms):
+    flops = 2 * M * N * K
+    fp8_bytes = M * K + N * K
+    next_input = rotating(lambda: gemm_inputs(M, N, K), 3 * fp8_bytes)     # fp8 + bf16 copies
+    _, _, a, a_s, b, b_s, b_s_cublas = next_input()
+    config = fp8.tuned_gemm_config(a, a_s, b, b_s)
+    cublas, cublas_note = cublas_blockwise(a, a_s, b, b_s_cublas, reference_gemm(a, a_s, b, b_s))
+
+    def tflops(step):
+        return flops / median_ms(step, rep_ms) * 1e-9
+
+    def triton_step(cfg):
+        def step():
+            _, _, a, a_s, b, b_s, _ = next_input()
+            fp8.fp8_gemm(a, a_s, b, b_s, config=cfg)
+        return step
+
+    def cublas_step():
+        _, _, a, a_s, b, _, b_s_cublas = next_input()
+        cublas(a, a_s, b, b_s_cublas)
+
+    def bf16_step():
+        x, w, *_ = next_input()
+        torch.matmul(x, w.t())
+
+    return dict(shape=(M, N, K), config=config, triton=tflops(triton_step(config)),
+                plain=tflops(triton_step(fp8.PLAIN_CONFIG)),
+                cublas=tflops(cublas_step) if cublas else float("nan"), cublas_note=cublas_note,
+                bf16=tflops(bf16_step))
+
+
+def bench_quant(rep_ms):
+    rows = []
+    copy_src = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    copy_dst = torch.empty_like(copy_src)
+    copy_gbs = 2 * copy_src.numel() * 2 / median_ms(lambda: copy_dst.copy_(copy_src), rep_ms) * 1e-6
+    for name, (M, K) in [("act_quant", (8192, 8192)), ("act_quant", (4096, 7168)),
+                         ("weight_quant", (8192, 8192)), ("weight_quant", (7168, 2048)),
+                         ("dequant 1x128", (8192, 8192))]:
+        n_blocks = M * -(-K // 128) if "act" in name or "1x128" in name else -(-M // 128) * -(-K // 128)
+        bytes_moved = M * K * 2 + M * K + 4 * n_blocks          # bf16 in or out, fp8, fp32 scales
+
+        def make(M=M, K=K, name=name):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            return fp8.act_quant(x) if name.startswith("dequant") else x
+        next_input = rotating(make, bytes_moved)
+        run = {"act_quant": lambda: fp8.act_quant(next_input()),
+               "weight_quant": lambda: fp8.weight_quant(next_input()),
+               "dequant 1x128": lambda: fp8.dequant(*next_input(), 1)}[name]
+        gbs = bytes_moved / median_ms(run, rep_ms) * 1e-6
+        rows.append((name, (M, K), gbs, copy_gbs))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two GEMM shapes only")
+    parser.add_argument("--no-warp-specialize", action="store_true",
+                        help="leave warp-specialised configurations out of the tuning")
+    parser.add_argument("--rep-ms", type=int, default=200, help="do_bench measuring time per number (ms)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_fp8_gemm.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if args.no_warp_specialize:
+        fp8.GEMM_CANDIDATES_LARGE_M[:] = [c for c in fp8.GEMM_CANDIDATES_LARGE_M if not c.warp_specialize]
+    props = torch.cuda.get_device_properties(0)
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {triton.__version__} | "
+          f"{props.name}, {props.multi_processor_count} SMs | "
+          f"TMA descriptors: {fp8.TensorDescriptor is not None}")
+    start = time.time()
+    shapes = QUICK_SHAPES if args.quick else GEMM_SHAPES
+    torch.manual_seed(0)
+    correct = check_correctness(shapes)
+
+    print("== GEMM (tuning on first use of each shape) ==")
+    gemm_rows = []
+    for M, N, K in shapes:
+        row = bench_gemm(M, N, K, args.rep_ms)
+        gemm_rows.append(row)
+        print(f"({M}, {N}, {K}) done, {time.time() - start:.0f}s; tuned: {describe(row['config'])}; "
+              f"cuBLAS: {row['cublas_note']}", flush=True)
+    quant_rows = bench_quant(args.rep_ms)
+
+    print(f"\n== results ({props.name}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{time.time() - start:.0f}s, correctness {'PASS' if correct else 'FAIL'}) ==")
+    print("TFLOP/s        M      N      K |  triton  plain  cuBLAS-fp8   bf16 "
+          "| triton/cuBLAS  triton/bf16 | tuned config")
+    for r in gemm_rows:
+        M, N, K = r["shape"]
+        print(f"{'':9s}{M:6d} {N:6d} {K:6d} | {r['triton']:7.1f} {r['plain']:6.1f} {r['cublas']:11.1f} "
+              f"{r['bf16']:6.1f} | {r['triton'] / r['cublas']:13.2f} {r['triton'] / r['bf16']:12.2f} "
+              f"| {describe(r['config'])}")
+    print("GB/s           kernel            shape |   GB/s   copy | ratio to copy")
+    for name, (M, K), gbs, copy_gbs in quant_rows:
+        print(f"{'':9s}{name:>13s} {f'[{M}, {K}]':>14s} | {gbs:6.0f} {copy_gbs:6.0f} | {gbs / copy_gbs:.2f}")
+
+
+def describe(c):
+    return (f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + (" tma" if c.tma else "")
+            + (f" persistent x{c.persistent}" if c.persistent else "") + (" ws" if c.warp_specialize else ""))
+
+
+if __name__ == "__main__":
+    main()
