@@ -460,3 +460,100 @@ class Transformer(nn.Module):
             lines[1] += f" (full-attention twin {twin.flops_per_token(seq_len) / 1e6:.2f}M)"
             lines[2] += f" (full-attention twin {twin.kv_bytes_per_token(context):.0f})"
         return "\n".join(lines)
+
+    # -- the official checkpoint layout ----------------------------------------------------------
+    def official_state_dict(self) -> dict:
+        """Every tensor under its official V4 name and shape, unquantised: our names already are the
+        official ones except the routed experts, stored stacked here and exported one by one as
+        `layers.N.ffn.experts.E.{w1,w2,w3}.weight`."""
+        if (self.cfg.attention, self.cfg.ffn, self.cfg.residual) != ("v4", "moe", "mhc"):
+            raise ValueError("the official layout exists for the V4 model only (attention='v4', "
+                             "ffn='moe', residual='mhc'), not for the ablation twins")
+        sd = self.state_dict()
+        for name, moe in self.named_modules():
+            if isinstance(moe, MoE):
+                for key in ("w1", "w2", "w3"):
+                    del sd[f"{name}.{key}"]
+                sd.update({f"{name}.{k}": v for k, v in moe.export_experts().items()})
+        return sd
+
+    def load_official_state_dict(self, sd: dict) -> None:
+        """Import a dict in the official layout; a missing, unexpected or mis-shaped tensor raises a
+        ValueError naming the first such key."""
+        ours = self.official_state_dict()
+        for key, value in ours.items():
+            if key not in sd:
+                raise ValueError(f"official state dict lacks {key!r}")
+            if tuple(sd[key].shape) != tuple(value.shape):
+                raise ValueError(f"official state dict: {key!r} has shape {tuple(sd[key].shape)}, "
+                                 f"the model expects {tuple(value.shape)}")
+        unexpected = sorted(set(sd) - set(ours))
+        if unexpected:
+            raise ValueError(f"official state dict has unexpected key {unexpected[0]!r}")
+        experts = {name: {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".experts.")}
+                   for name, m in self.named_modules() if isinstance(m, MoE)}
+        plain = {k: v for k, v in sd.items() if ".experts." not in k}
+        missing, _ = self.load_state_dict(plain, strict=False)
+        stacked = {f"{name}.{w}" for name in experts for w in ("w1", "w2", "w3")}
+        assert set(missing) == stacked, set(missing) ^ stacked
+        for name, m in self.named_modules():
+            if isinstance(m, MoE):
+                m.import_experts(experts[name])
+
+
+OFFICIAL_CONFIG_FIELDS = ["vocab_size", "dim", "moe_inter_dim", "n_layers", "n_hash_layers", "n_heads",
+                          "n_routed_experts", "n_shared_experts", "n_activated_experts", "score_func",
+                          "route_scale", "swiglu_limit", "q_lora_rank", "head_dim", "rope_head_dim",
+                          "norm_eps", "o_groups", "o_lora_rank", "window_size", "compress_ratios",
+                          "compress_rope_theta", "rope_theta", "rope_factor", "original_seq_len",
+                          "beta_fast", "beta_slow", "index_n_heads", "index_head_dim", "index_topk",
+                          "hc_mult", "hc_sinkhorn_iters", "hc_eps", "max_seq_len"]
+
+
+def export_official(ckpt_path: str, out_dir: str) -> None:
+    """checkpoint -> out_dir/model.safetensors + out_dir/config.json in the official ModelArgs names
+    (compress_ratios carries the MTP block's trailing 0 as the published configs do)."""
+    import json
+    import os
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise SystemExit("export needs safetensors, an optional dependency: pip install safetensors")
+    from train import load_checkpoint, model_from_checkpoint
+    model, _ = model_from_checkpoint(load_checkpoint(ckpt_path))
+    sd = {k: v.contiguous() for k, v in model.official_state_dict().items()}
+    cfg = model.cfg.to_dict()
+    config = {k: cfg[k] for k in OFFICIAL_CONFIG_FIELDS}
+    config["compress_ratios"] = list(cfg["compress_ratios"]) + [0] * model.cfg.n_mtp_layers
+    config["n_mtp_layers"] = model.cfg.n_mtp_layers
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(sd, os.path.join(out_dir, "model.safetensors"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    print(f"wrote {len(sd)} tensors to {out_dir}/model.safetensors and {out_dir}/config.json")
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Model accounting and the official checkpoint layout.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("count", help="parameters, FLOPs and KV-cache bytes of a preset (meta device)")
+    c.add_argument("preset", choices=sorted(PRESETS))
+    c.add_argument("--seq-len", type=int, default=4096, help="training length for the FLOPs")
+    c.add_argument("--context", type=int, default=1048576, help="context length for the KV cache")
+    e = sub.add_parser("export", help="checkpoint -> model.safetensors + config.json (official names)")
+    e.add_argument("ckpt")
+    e.add_argument("out_dir")
+    args = p.parse_args(argv)
+    if args.command == "count":
+        with torch.device("meta"):
+            model = Transformer(ModelConfig.from_preset(args.preset))
+        print(f"{args.preset}: {model.num_params(mtp=False) / 1e9:.2f}B total without MTP "
+              f"({model.num_params() / 1e9:.2f}B with it)")
+        print(model.accounting(args.seq_len, args.context))
+    else:
+        export_official(args.ckpt, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -116,3 +116,28 @@ def test_ablations_build_on_every_preset(variant):
         with torch.device("meta"):
             model = Transformer(ModelConfig.from_preset(preset, **VARIANTS[variant]))
         assert model.flops_per_token(4096) > 0 and model.kv_bytes_per_token(4096) > 0
+
+
+def test_official_layout_round_trip():
+    torch.manual_seed(0)
+    src = Transformer(nano()).eval()
+    sd = src.official_state_dict()
+    assert "layers.1.ffn.experts.7.w2.weight" in sd and "layers.1.ffn.w1" not in sd
+    assert "layers.0.ffn.gate.tid2eid" in sd and "layers.1.ffn.gate.bias" in sd
+    assert "mtp.0.e_proj.weight" in sd and "hc_head_fn" in sd and "layers.1.attn.indexer.compressor.ape" in sd
+    torch.manual_seed(1)
+    dst = Transformer(nano()).eval()
+    x = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        assert not torch.allclose(dst(x), src(x))
+        dst.load_official_state_dict(sd)
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    bad = dict(sd)
+    bad["layers.2.attn.wkv.weight"] = bad["layers.2.attn.wkv.weight"][:, :-1]
+    with pytest.raises(ValueError, match="layers.2.attn.wkv.weight"):
+        dst.load_official_state_dict(bad)
+    bad = {k: v for k, v in sd.items() if k != "layers.3.ffn.experts.2.w3.weight"}
+    with pytest.raises(ValueError, match="layers.3.ffn.experts.2.w3.weight"):
+        dst.load_official_state_dict(bad)
+    with pytest.raises(ValueError, match="ablation"):
+        Transformer(nano(residual="plain")).official_state_dict()
