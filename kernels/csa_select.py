@@ -1,0 +1,529 @@
+"""CSA selection and sparse attention in Triton: the lightning indexer's scores, the top-k choice, and
+the attention over the chosen compressed entries plus the sliding window (V4-REFERENCE section 1).
+
+At long context these three steps dominate a CSA layer. For each query t at position p = t0 + t:
+
+    I[t, s] = sum_h w[t, h] * relu(qI[t, h] . KI[s])        visible iff s < (p + 1) // m
+    idx[t]  = the top-k visible s by I[t, s]                -1 where fewer than k are visible
+    o[t, h] = sum_j p_j kv_j,  p_j = exp(l_j) / (sum_i exp(l_i) + exp(attn_sink[h])),  l_j = q_h . kv_j * c^-0.5
+              j over the selected entries kv_comp[idx[t]] and the window rows at p - n_win + 1 .. p
+
+The official code runs the indexer in FP4 after a Hadamard rotation; here it runs in the input dtype
+(bf16 on a GPU), which the rotation would not change. Each kernel has a plain PyTorch reference next to
+it (`*_reference`), and the public functions `indexer_scores`, `csa_topk` and `sparse_attention` pick
+the kernel on CUDA and the reference elsewhere (`use_kernel=False` forces the reference).
+
+Kernels:
+- `_indexer_scores_kernel`: one program per (block of queries, chunk of entries). The queries' heads
+  (all of them, for BT queries) are loaded once and stay put; entry blocks stream past them. The dot
+  is K_block @ Q^T, so the entries sit on the MMA's M dimension and the heads on N, and the weighted
+  sum over heads is a row reduction of the accumulator.
+- `_radix_topk_kernel`: one program per row (or per row segment). A radix select over the fp32 bits,
+  mapped to order-preserving uint32 keys: three passes of 11/11/10-bit histograms find the k-th key,
+  a compaction pass writes the entries above it and the first ties at it (in index order), and a
+  bitonic sort orders the result by score, descending, ties by index. That is exactly "a stable sort,
+  descending, first k", the order attention.py's `csa_select` uses. For few rows (decode) a row is cut
+  into segments whose top-k candidates a second launch of the same kernel reduces.
+- `_sparse_attention_kernel`: one program per (query, group of heads). All heads of the group share
+  the one K == V head, so each gathered row is loaded once for all of them (heads on the MMA's M).
+  The sink starts the online softmax: running max = sink, running denominator = exp(sink - max) = 1.
+
+Backward: the sparse attention's gradient recomputes the reference under autograd (a documented
+fallback: correct, but it materialises the reference's [B, T, n_h, k + n_win] tensors). The selection
+has no gradient. Under TRITON_INTERPRET=1 (the CPU tests) tiles shrink so the tests cover many of
+them; the tests feed fp32, since the interpreter's bf16 arithmetic is not trustworthy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+_SCORE_BUFFER_ELEMS = 2 ** 28     # fp32 scores kept at once (1 GiB); longer prefills go in query chunks
+_FEW_ROWS = 128                   # fewer rows than this: split each row over several top-k programs
+
+
+# ----------------------------------------------------------------------------------------------------
+# References (plain PyTorch): these define the semantics the kernels are held to
+# ----------------------------------------------------------------------------------------------------
+
+def visible_counts(T: int, t0: int, m: int, S: int, device) -> torch.Tensor:
+    """[T] number of compressed entries each query sees: min(S, (t0 + t + 1) // m)."""
+    return ((t0 + torch.arange(T, device=device) + 1) // m).clamp(max=S)
+
+
+def indexer_scores_reference(q, w, k, m: int, t0: int) -> torch.Tensor:
+    """I [B, T, S] in fp32, -inf where invisible. The dots run in the input dtype, as the model's do."""
+    dots = torch.einsum("bthd,bsd->btsh", q, k)                                   # [B, T, S, H]
+    scores = (dots.float().relu() * w.float()[:, :, None, :]).sum(-1)             # [B, T, S]
+    s = torch.arange(k.shape[1], device=q.device)
+    visible = s[None, :] < visible_counts(q.shape[1], t0, m, k.shape[1], q.device)[:, None]
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def csa_topk_reference(q, w, k, m: int, t0: int, topk: int):
+    """(idx int32 [B, T, topk], scores fp32 [B, T, topk]): a stable descending sort, first topk, so
+    ties go to the earlier entry; -1 and -inf where fewer than topk entries are visible."""
+    scores = indexer_scores_reference(q, w, k, m, t0)
+    value, idx = scores.sort(dim=-1, descending=True, stable=True)
+    value, idx = value[..., :topk], idx[..., :topk]
+    pad = topk - value.shape[-1]                                                  # when S < topk
+    value = torch.nn.functional.pad(value, (0, pad), value=float("-inf"))
+    idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
+    return idx.masked_fill(value == float("-inf"), -1).int(), value
+
+
+def sparse_attention_reference(q, kv, entries, entry_idx, attn_sink, t0: int, window_size: int,
+                               softmax_scale: float | None = None, return_lse: bool = False):
+    """o [B, T, n_h, c] (and the log-sum-exp [B, T, n_h] in fp32, sink included), computed in fp32.
+
+    q [B, T, n_h, c] at positions t0 .. t0+T-1; kv [B, L, c] the K == V rows at positions
+    t0+T-L .. t0+T-1 (the window's earlier rows, then the T new ones); entries [B, S, c] the compressed
+    entries, entry_idx [B, T, k] which of them each query attends (-1 = none); attn_sink [n_h].
+    """
+    B, T, n_h, c = q.shape
+    L = kv.shape[1]
+    scale = c ** -0.5 if softmax_scale is None else softmax_scale
+    pos = t0 + torch.arange(T, device=q.device)
+    win_pos = pos[:, None] - window_size + 1 + torch.arange(window_size, device=q.device)   # [T, W]
+    win_row = win_pos - (t0 + T - L)
+    win_ok = (win_row >= 0).expand(B, T, window_size)
+    batch = torch.arange(B, device=q.device)[:, None, None]
+    keys = torch.cat([entries[batch, entry_idx.clamp(min=0).long()],                # [B, T, k, c]
+                      kv[batch, win_row.clamp(min=0)[None]]], dim=2).float()      # [B, T, k + W, c]
+    ok = torch.cat([entry_idx >= 0, win_ok], dim=2)                               # [B, T, k + W]
+    logits = torch.einsum("bthc,btjc->bthj", q.float(), keys) * scale             # [B, T, n_h, k + W]
+    logits = logits.masked_fill(~ok[:, :, None, :], float("-inf"))
+    sink = attn_sink.float().view(1, 1, n_h, 1).expand(B, T, n_h, 1)
+    lse = torch.logsumexp(torch.cat([logits, sink], dim=-1), dim=-1)              # [B, T, n_h]
+    o = torch.einsum("bthj,btjc->bthc", torch.exp(logits - lse[..., None]), keys).to(q.dtype)
+    return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel 1: indexer scores, entries on the MMA's M dimension
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, out_ptr, T, S, t0, m, s_chunk,
+                           sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, so_b, so_t, so_s,
+                           H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                           BT: tl.constexpr, BS: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    tq = pid_t * BT + tl.arange(0, BT)
+    n_vis = tl.minimum((t0 + tq + 1) // m, S)                                     # [BT]
+    t_last = tl.minimum(pid_t * BT + BT, T) - 1                                   # sees the most entries
+    s_start = pid_s * s_chunk
+    s_end = tl.minimum(tl.minimum((t0 + t_last + 1) // m, S), s_start + s_chunk)
+    # the BT queries' heads, (query, head) flattened with the head fastest, loaded once (not at all
+    # when this chunk of entries is invisible to every one of them)
+    n = tl.arange(0, BT * H_PAD)
+    t_n = pid_t * BT + n // H_PAD
+    h_n = n % H_PAD
+    d = tl.arange(0, D_PAD)
+    row_ok = (t_n < tl.where(s_start < s_end, T, 0)) & (h_n < H)
+    qb = tl.load(q_ptr + b * sq_b + t_n[:, None].to(tl.int64) * sq_t + h_n[:, None] * sq_h + d[None, :] * sq_d,
+                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)             # [BT*H_PAD, D_PAD]
+    wb = tl.load(w_ptr + b * sw_b + t_n.to(tl.int64) * sw_t + h_n * sw_h, mask=row_ok, other=0.0)
+    wb = wb.to(tl.float32)                                                        # [BT*H_PAD]
+    qT = tl.trans(qb)                                                             # [D_PAD, BT*H_PAD]
+    for s0 in range(s_start, s_end, BS):
+        s = s0 + tl.arange(0, BS)
+        kb = tl.load(k_ptr + b * sk_b + s[:, None].to(tl.int64) * sk_s + d[None, :] * sk_d,
+                     mask=(s[:, None] < S) & (d[None, :] < D), other=0.0)         # [BS, D_PAD]
+        dots = tl.dot(kb, qT)                                                   # [BS, BT*H_PAD]
+        contrib = tl.maximum(dots, 0.0) * wb[None, :]
+        scores = tl.sum(tl.reshape(contrib, [BS, BT, H_PAD]), axis=2)             # [BS, BT]
+        scores = tl.where(s[:, None] < n_vis[None, :], scores, float("-inf"))
+        tl.store(out_ptr + b * so_b + tq[None, :].to(tl.int64) * so_t + s[:, None] * so_s, scores,
+                 mask=(s[:, None] < S) & (tq[None, :] < T))
+
+
+_SCORE_CONFIGS = [triton.Config({"BT": bt, "BS": bs}, num_warps=nw, num_stages=ns)
+                  for bt, bs, nw, ns in [(1, 128, 4, 3), (1, 64, 4, 3), (2, 128, 8, 3), (2, 64, 4, 3),
+                                         (4, 64, 8, 2)]]
+_indexer_scores_tuned = triton.autotune(_SCORE_CONFIGS, key=["T", "H", "D"])(_indexer_scores_kernel)
+
+
+def _scores_triton(q, w, k, m: int, t0: int, out: torch.Tensor):
+    """Write I for queries q [B, T, H, D] into out [B, T, S] (fp32). Only entries below the last query's
+    visible count are written; invisible ones among them get -inf."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    if S == 0 or T == 0:
+        return
+    H_PAD, D_PAD = max(16, triton.next_power_of_2(H)), max(16, triton.next_power_of_2(D))
+    s_chunk = 32 if _INTERPRET else (1024 if B * T < _FEW_ROWS else 4096)   # multiple of every BS
+    args = (q, w, k, out, T, S, t0, m, s_chunk, *q.stride(), *w.stride(), *k.stride(), *out.stride())
+    if _INTERPRET:
+        _indexer_scores_kernel[(triton.cdiv(T, 2), triton.cdiv(S, s_chunk), B)](
+            *args, H=H, D=D, H_PAD=H_PAD, D_PAD=D_PAD, BT=2, BS=16)
+    else:
+        grid = lambda meta: (triton.cdiv(T, meta["BT"]), triton.cdiv(S, s_chunk), B)
+        _indexer_scores_tuned[grid](*args, H=H, D=D, H_PAD=H_PAD, D_PAD=D_PAD)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel 2: top-k by radix select
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _float_to_key(x):
+    """fp32 -> uint32 whose unsigned order is the float order (flip all bits of negatives, set the sign
+    bit of the rest)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
+
+
+@triton.jit
+def _key_to_float(key):
+    bits = tl.where((key >> 31) == 1, key & 0x7FFFFFFF, ~key)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_entries(row_ptr, offs, hi, bound):
+    """Scores row[offs], their keys, and which are valid: below hi and not -inf (an empty candidate
+    slot). The load runs to `bound`, hi rounded up to 16, so its mask allows vector loads."""
+    v = tl.load(row_ptr + offs, mask=offs < bound, other=float("-inf"))
+    return v, _float_to_key(v), (offs < hi) & (v > float("-inf"))
+
+
+@triton.jit
+def _digit_histogram(row_ptr, lo, hi, bound, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr,
+                     FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    """Histogram (2048 bins) of the digit (key >> SHIFT) & (2^BITS - 1) over the valid entries of
+    row[lo:hi] whose higher bits, key >> (SHIFT + BITS), equal `prefix` (all of them when FIRST)."""
+    hist = tl.zeros([2048], dtype=tl.int32)
+    for start in range(lo, hi, BLOCK):
+        v, key, ok = _load_entries(row_ptr, start + tl.arange(0, BLOCK), hi, bound)
+        if not FIRST:
+            ok = ok & ((key >> (SHIFT + BITS)) == prefix)
+        hist += tl.histogram(((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32), 2048, mask=ok)
+    return hist
+
+
+@triton.jit
+def _pick_digit(hist, krem):
+    """The digit holding the krem-th largest key, and how many of the keys still needed lie in it."""
+    bins = tl.arange(0, 2048)
+    at_or_above = tl.sum(hist) - tl.cumsum(hist, axis=0) + hist                  # keys with digit >= bin
+    digit = tl.max(tl.where((at_or_above >= krem) & (hist > 0), bins, 0), axis=0)
+    above = tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+    return digit.to(tl.uint32), krem - above
+
+
+@triton.jit
+def _radix_topk_kernel(val_ptr, src_idx_ptr, out_idx_ptr, out_val_ptr, T, row_len, seg_len, t0, m,
+                       stride_val, stride_out, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                       CAUSAL: tl.constexpr, SORT: tl.constexpr):
+    """Top K of row[lo:hi], lo = segment * seg_len. CAUSAL: the row holds query (row % T)'s scores and
+    hi stops at its visible count; output indices are positions in the row. Otherwise the row holds
+    candidates (-inf = empty) whose indices are src_idx. Writes K indices (-1 = none) and scores."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    row_ptr = val_ptr + row * stride_val
+    lo = seg * seg_len
+    hi = tl.minimum(lo + seg_len, row_len)
+    if CAUSAL:
+        hi = tl.minimum(hi, (t0 + row % T + 1) // m)
+    bound = tl.minimum((hi + 15) // 16 * 16, row_len)
+    # three radix passes over 11, 11 and 10 bits find the k-th largest key. The first digit (sign,
+    # exponent, two mantissa bits) spreads typical scores over a few dozen bins, which keeps the
+    # histogram's shared-memory atomics from piling onto one address.
+    hist = _digit_histogram(row_ptr, lo, hi, bound, 0, 21, 11, True, BLOCK)
+    n_sel = tl.minimum(tl.sum(hist), K)                                           # entries to select
+    prefix, krem = _pick_digit(hist, n_sel)
+    hist = _digit_histogram(row_ptr, lo, hi, bound, prefix, 10, 11, False, BLOCK)
+    digit, krem = _pick_digit(hist, krem)
+    prefix = (prefix << 11) | digit
+    hist = _digit_histogram(row_ptr, lo, hi, bound, prefix, 0, 10, False, BLOCK)
+    digit, krem = _pick_digit(hist, krem)
+    prefix = (prefix << 10) | digit
+    # compaction: every key above the threshold, then the first krem keys equal to it
+    out_idx = out_idx_ptr + row * stride_out + seg * K
+    out_val = out_val_ptr + row * stride_out + seg * K
+    n_above = n_sel - krem
+    seen_above = 0
+    seen_equal = 0
+    for start in range(lo, hi, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        v, key, ok = _load_entries(row_ptr, offs, hi, bound)
+        above = ok & (key > prefix)
+        equal = ok & (key == prefix)
+        rank_above = seen_above + tl.cumsum(above.to(tl.int32), axis=0)          # 1-based
+        rank_equal = seen_equal + tl.cumsum(equal.to(tl.int32), axis=0)
+        take = above | (equal & (rank_equal <= krem))
+        pos = tl.where(above, rank_above - 1, n_above + rank_equal - 1)
+        if CAUSAL:
+            idx = offs
+        else:
+            idx = tl.load(src_idx_ptr + row * stride_val + offs, mask=take, other=-1)
+        tl.store(out_idx + pos, idx, mask=take)
+        tl.store(out_val + pos, v, mask=take)
+        seen_above += tl.sum(above.to(tl.int32), axis=0)
+        seen_equal += tl.sum(equal.to(tl.int32), axis=0)
+    j = tl.arange(0, K_PAD)
+    pad = (j >= n_sel) & (j < K)
+    tl.store(out_idx + j, tl.full([K_PAD], -1, tl.int32), mask=pad)
+    tl.store(out_val + j, tl.full([K_PAD], float("-inf"), tl.float32), mask=pad)
+    if SORT:
+        # order by score descending, ties by index: sort (key << 32 | ~index) as uint64
+        tl.debug_barrier()
+        idx = tl.load(out_idx + j, mask=j < n_sel, other=0)
+        key = _float_to_key(tl.load(out_val + j, mask=j < n_sel, other=0.0))
+        packed = (key.to(tl.uint64) << 32) | (0xFFFFFFFF - idx.to(tl.uint32)).to(tl.uint64)
+        packed = tl.sort(tl.where(j < n_sel, packed, 0), descending=True)
+        idx = (0xFFFFFFFF - (packed & 0xFFFFFFFF)).to(tl.int32)
+        val = _key_to_float((packed >> 32).to(tl.uint32))
+        tl.debug_barrier()
+        tl.store(out_idx + j, idx, mask=j < n_sel)
+        tl.store(out_val + j, val, mask=j < n_sel)
+
+
+def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
+    """Top-k of each query's visible scores: scores [B, T, S] fp32 -> (idx int32, value fp32) [B, T, topk]."""
+    B, T, S = scores.shape
+    rows = B * T
+    flat = scores.view(rows, S)
+    K_PAD = max(2, triton.next_power_of_2(topk))
+    few = rows < _FEW_ROWS             # decode: long rows cut into segments, a big tile per program
+    block, warps = (64, 4) if _INTERPRET else ((4096, 16) if few else (1024, 4))   # 8 entries a thread
+    seg_len = triton.cdiv(max(2 * block, 4 * K_PAD), block) * block
+    n_seg = triton.cdiv(S, seg_len) if few else 1
+    idx = torch.empty(rows, topk, dtype=torch.int32, device=scores.device)
+    val = torch.empty(rows, topk, dtype=torch.float32, device=scores.device)
+    meta = dict(K=topk, K_PAD=K_PAD, BLOCK=block, num_warps=warps)
+    if n_seg <= 1:
+        _radix_topk_kernel[(rows, 1)](flat, flat, idx, val, T, S, max(S, 1), t0, m, S, topk,
+                                      CAUSAL=True, SORT=True, **meta)
+    else:                       # each segment's top-k, then the top-k of those candidates
+        n_cand = n_seg * topk
+        cand_idx = torch.empty(rows, n_cand, dtype=torch.int32, device=scores.device)
+        cand_val = torch.empty(rows, n_cand, dtype=torch.float32, device=scores.device)
+        _radix_topk_kernel[(rows, n_seg)](flat, flat, cand_idx, cand_val, T, S, seg_len, t0, m, S, n_cand,
+                                          CAUSAL=True, SORT=False, **meta)
+        _radix_topk_kernel[(rows, 1)](cand_val, cand_idx, idx, val, T, n_cand, n_cand, 0, 1, n_cand, topk,
+                                      CAUSAL=False, SORT=True, **meta)
+    return idx.view(B, T, topk), val.view(B, T, topk)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel 3: sparse attention over the selected entries and the window, with the sink
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale):
+    """One online-softmax step (log2 units) of HB heads over BN gathered K == V rows kvb [BN, C]."""
+    logits = tl.dot(qb, tl.trans(kvb)) * qk_scale                                 # [HB, BN]
+    logits = tl.where(ok[None, :], logits, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(logits - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(kvb.dtype), kvb)                     # [HB, C]
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _sparse_attention_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr,
+                             T, L, S, t0, qk_scale,
+                             sq_b, sq_t, sq_h, sq_c, skv_b, skv_t, skv_c, se_b, se_s, se_c,
+                             si_b, si_t, si_k, so_b, so_t, so_h, so_c,
+                             N_H: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr, TOPK: tl.constexpr,
+                             WINDOW: tl.constexpr, HB: tl.constexpr, BN: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * HB + tl.arange(0, HB)
+    b = tl.program_id(2).to(tl.int64)
+    c = tl.arange(0, C_PAD)
+    h_ok = h < N_H
+    c_ok = c < C
+    qb = tl.load(q_ptr + b * sq_b + t * sq_t + h[:, None] * sq_h + c[None, :] * sq_c,
+                 mask=h_ok[:, None] & c_ok[None, :], other=0.0)                   # [HB, C_PAD]
+    m_i = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    l_i = tl.full([HB], 1.0, tl.float32)
+    acc = tl.zeros([HB, C_PAD], dtype=tl.float32)
+    j = tl.arange(0, BN)
+    for k0 in range(0, TOPK, BN):                       # the selected compressed entries
+        sel = tl.load(idx_ptr + b * si_b + t * si_t + (k0 + j) * si_k, mask=k0 + j < TOPK, other=-1)
+        ok = (sel >= 0) & (sel < S)
+        rows = tl.where(ok, sel, 0).to(tl.int64)
+        kvb = tl.load(ent_ptr + b * se_b + rows[:, None] * se_s + c[None, :] * se_c,
+                      mask=ok[:, None] & c_ok[None, :], other=0.0)                # [BN, C_PAD]
+        m_i, l_i, acc = _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale)
+    first_row = t + L - T - WINDOW + 1                  # kv row of position t0 + t - WINDOW + 1
+    for w0 in range(0, WINDOW, BN):                     # the window
+        r = first_row + w0 + j
+        ok = (r >= 0) & (w0 + j < WINDOW)
+        kvb = tl.load(kv_ptr + b * skv_b + tl.where(ok, r, 0)[:, None] * skv_t + c[None, :] * skv_c,
+                      mask=ok[:, None] & c_ok[None, :], other=0.0)
+        m_i, l_i, acc = _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale)
+    o = acc / l_i[:, None]
+    tl.store(o_ptr + b * so_b + t * so_t + h[:, None] * so_h + c[None, :] * so_c,
+             o.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
+    tl.store(lse_ptr + (b * T + t) * N_H + h, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=h_ok)
+
+
+def _prune_head_groups(configs, named_args, **kwargs):
+    """Drop head groups larger than the (padded) head count."""
+    most = max(16, triton.next_power_of_2(named_args["N_H"] if "N_H" in named_args else kwargs["N_H"]))
+    return [cfg for cfg in configs if cfg.kwargs["HB"] <= most]
+
+
+_ATTENTION_CONFIGS = [triton.Config({"HB": hb, "BN": bn}, num_warps=nw, num_stages=ns)
+                      for hb, bn, nw, ns in [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 4, 2),
+                                             (16, 64, 4, 2)]]
+_sparse_attention_tuned = triton.autotune(_ATTENTION_CONFIGS, key=["T", "N_H", "C", "TOPK", "WINDOW"],
+                                          prune_configs_by={"early_config_prune": _prune_head_groups}
+                                          )(_sparse_attention_kernel)
+
+
+def _sparse_attention_triton(q, kv, entries, entry_idx, attn_sink, t0: int, window_size: int, scale: float):
+    B, T, n_h, c = q.shape
+    attn_sink = attn_sink.contiguous()
+    o = torch.empty_like(q)
+    lse = torch.empty(B, T, n_h, dtype=torch.float32, device=q.device)
+    if T == 0:
+        return o, lse
+    args = (q, kv, entries, entry_idx, attn_sink, o, lse, T, kv.shape[1], entries.shape[1], t0,
+            scale * _LOG2E, *q.stride(), *kv.stride(), *entries.stride(), *entry_idx.stride(), *o.stride())
+    meta = dict(N_H=n_h, C=c, C_PAD=max(16, triton.next_power_of_2(c)), TOPK=entry_idx.shape[-1],
+                WINDOW=window_size)
+    if _INTERPRET:
+        hb = min(64, max(16, triton.next_power_of_2(n_h)))
+        _sparse_attention_kernel[(T, triton.cdiv(n_h, hb), B)](*args, **meta, HB=hb, BN=16)
+    else:
+        grid = lambda cfg: (T, triton.cdiv(n_h, cfg["HB"]), B)
+        _sparse_attention_tuned[grid](*args, **meta)
+    return o, lse
+
+
+class _SparseAttention(torch.autograd.Function):
+    """Forward in Triton; backward recomputes the reference under autograd (the documented fallback)."""
+
+    @staticmethod
+    def forward(ctx, q, kv, entries, attn_sink, entry_idx, t0, window_size, scale):
+        ctx.save_for_backward(q, kv, entries, attn_sink, entry_idx)
+        ctx.args = (t0, window_size, scale)
+        return _sparse_attention_triton(q, kv, entries, entry_idx, attn_sink, t0, window_size, scale)
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_lse):
+        q, kv, entries, attn_sink, entry_idx = ctx.saved_tensors
+        inputs = [x.detach().requires_grad_(need) for x, need in zip((q, kv, entries, attn_sink),
+                                                                     ctx.needs_input_grad[:4])]
+        with torch.enable_grad():
+            o, lse = sparse_attention_reference(inputs[0], inputs[1], inputs[2], entry_idx, inputs[3],
+                                                *ctx.args, return_lse=True)
+            wanted = [x for x in inputs if x.requires_grad]
+            outs, grads = [o], [grad_o]
+            if grad_lse is not None:
+                outs.append(lse)
+                grads.append(grad_lse)
+            found = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True))
+        return (*[next(found) if x.requires_grad else None for x in inputs], None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------
+
+def _want_kernel(use_kernel, *tensors) -> bool:
+    if use_kernel is None:
+        return all(x.is_cuda for x in tensors)
+    if use_kernel and not _INTERPRET and not all(x.is_cuda for x in tensors):
+        raise ValueError("use_kernel=True needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
+    return bool(use_kernel)
+
+
+def _check_indexer(q, w, k, m, t0):
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, D], got shape {tuple(q.shape)}")
+    B, T, H, D = q.shape
+    if tuple(w.shape) != (B, T, H):
+        raise ValueError(f"w must be [B, T, H] = {(B, T, H)}, got {tuple(w.shape)}")
+    if k.dim() != 3 or k.shape[0] != B or k.shape[2] != D:
+        raise ValueError(f"k must be [B, S, D] with B = {B}, D = {D}, got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise ValueError(f"k ({k.dtype}) and q ({q.dtype}) must have the same dtype")
+    if m < 1 or t0 < 0:
+        raise ValueError(f"need compression ratio m >= 1 and offset t0 >= 0, got m = {m}, t0 = {t0}")
+
+
+def indexer_scores(q, w, k, m: int, t0: int = 0, use_kernel: bool | None = None) -> torch.Tensor:
+    """I [B, T, S] fp32, -inf where invisible. q [B, T, H, D] RoPE'd indexer queries at positions
+    t0 .. t0+T-1, w [B, T, H] weights (already scaled by D^-0.5 H^-0.5), k [B, S, D] compressed keys."""
+    _check_indexer(q, w, k, m, t0)
+    if not _want_kernel(use_kernel, q, w, k):
+        return indexer_scores_reference(q, w, k, m, t0)
+    out = torch.full((q.shape[0], q.shape[1], k.shape[1]), float("-inf"), device=q.device)
+    _scores_triton(q, w, k, m, t0, out)
+    return out
+
+
+@torch.no_grad()
+def csa_topk(q, w, k, m: int, t0: int, topk: int, use_kernel: bool | None = None):
+    """The lightning indexer's choice: (idx int32 [B, T, topk], scores fp32 [B, T, topk]), each query's
+    top-k visible entries ordered by score, descending, ties to the earlier entry; -1 (score -inf)
+    where fewer than topk are visible. Inputs as in `indexer_scores`. No gradient."""
+    _check_indexer(q, w, k, m, t0)
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    if not _want_kernel(use_kernel, q, w, k):
+        return csa_topk_reference(q, w, k, m, t0, topk)
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    chunk = max(1, _SCORE_BUFFER_ELEMS // max(1, B * S))          # queries whose scores fit the buffer
+    parts = []
+    for c0 in range(0, T, chunk):
+        c1 = min(T, c0 + chunk)
+        scores = torch.empty(B, c1 - c0, S, dtype=torch.float32, device=q.device)   # [B, chunk, S]
+        _scores_triton(q[:, c0:c1], w[:, c0:c1], k, m, t0 + c0, scores)
+        parts.append(_topk_triton(scores, t0 + c0, m, topk))
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
+def sparse_attention(q, kv, entries, entry_idx, attn_sink, t0: int, window_size: int,
+                     softmax_scale: float | None = None, use_kernel: bool | None = None, return_lse: bool = False):
+    """CSA core attention: o [B, T, n_h, c] (before the inverse RoPE and the output projection), and with
+    return_lse the log-sum-exp [B, T, n_h] (fp32, sink included: p_j = exp(l_j - lse)).
+
+    q [B, T, n_h, c] at positions t0 .. t0+T-1; kv [B, L, c] the K == V rows at positions t0+T-L ..
+    t0+T-1 (the cached window rows, then the T new ones: attention.py's `window_kv`); entries [B, S, c];
+    entry_idx [B, T, k] int32/int64, -1 = none; attn_sink [n_h]; softmax_scale defaults to c^-0.5.
+    Differentiable in q, kv, entries and attn_sink (the kernel's backward is the reference's).
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, n_h, c], got shape {tuple(q.shape)}")
+    B, T, n_h, c = q.shape
+    if kv.dim() != 3 or kv.shape[0] != B or kv.shape[2] != c or not T <= kv.shape[1] <= t0 + T:
+        raise ValueError(f"kv must be [B, L, c] with B = {B}, c = {c}, T = {T} <= L <= t0 + T = {t0 + T}, "
+                         f"got {tuple(kv.shape)}")
+    if entries.dim() != 3 or entries.shape[0] != B or entries.shape[2] != c:
+        raise ValueError(f"entries must be [B, S, c] with B = {B}, c = {c}, got {tuple(entries.shape)}")
+    if entry_idx.dim() != 3 or tuple(entry_idx.shape[:2]) != (B, T) or entry_idx.dtype.is_floating_point:
+        raise ValueError(f"entry_idx must be an integer [B, T, k] with B, T = {B, T}, got "
+                         f"{entry_idx.dtype} {tuple(entry_idx.shape)}")
+    if tuple(attn_sink.shape) != (n_h,):
+        raise ValueError(f"attn_sink must be [n_h] = [{n_h}], got {tuple(attn_sink.shape)}")
+    if window_size < 1 or kv.dtype != q.dtype or entries.dtype != q.dtype:
+        raise ValueError(f"need window_size >= 1 and q, kv, entries of one dtype, got window_size = "
+                         f"{window_size}, dtypes {q.dtype}, {kv.dtype}, {entries.dtype}")
+    scale = c ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not _want_kernel(use_kernel, q, kv, entries, entry_idx, attn_sink):
+        return sparse_attention_reference(q, kv, entries, entry_idx, attn_sink, t0, window_size, scale,
+                                          return_lse)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, kv, entries, attn_sink)):
+        o, lse = _SparseAttention.apply(q, kv, entries, attn_sink, entry_idx, t0, window_size, scale)
+    else:
+        o, lse = _sparse_attention_triton(q, kv, entries, entry_idx, attn_sink, t0, window_size, scale)
+    return (o, lse) if return_lse else o

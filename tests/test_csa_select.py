@@ -1,0 +1,156 @@
+"""kernels/csa_select.py: the Triton kernels against their PyTorch references, on fresh random inputs.
+
+On a CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), with small shapes and fp32."""
+
+import os
+
+import pytest
+import torch
+
+from kernels.csa_select import (csa_topk, csa_topk_reference, indexer_scores, indexer_scores_reference,
+                                sparse_attention, sparse_attention_reference, visible_counts)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def indexer_inputs(B, T, H, D, S, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g)
+    w = torch.randn(B, T, H, generator=g) * (D ** -0.5 * H ** -0.5)
+    k = torch.randn(B, S, D, generator=g)
+    return q.to(DEVICE), w.to(DEVICE), k.to(DEVICE)
+
+
+@pytest.mark.parametrize("t0", [0, 45])
+def test_scores_equal_reference(t0):
+    q, w, k = indexer_inputs(B=2, T=5, H=4, D=16, S=40, seed=t0)
+    got = indexer_scores(q, w, k, m=4, t0=t0, use_kernel=True)
+    want = indexer_scores_reference(q, w, k, m=4, t0=t0)
+    assert torch.equal(got == float("-inf"), want == float("-inf"))              # same visibility
+    assert (want > float("-inf")).any() and (want == float("-inf")).any()
+    finite = want > float("-inf")
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+def check_selection(q, w, k, m, t0, topk, idx, val):
+    """The kernel's choice against the reference: same selected scores, nothing invisible, -1 padding."""
+    want_idx, want_val = csa_topk_reference(q, w, k, m, t0, topk)
+    scores = indexer_scores_reference(q, w, k, m, t0)                            # [B, T, S]
+    n_vis = visible_counts(q.shape[1], t0, m, k.shape[1], q.device)              # [T]
+    n_sel = n_vis.clamp(max=topk)
+    slot = torch.arange(topk, device=q.device)
+    chosen = slot[None, None, :] < n_sel[None, :, None]                          # [1, T, topk]
+    assert idx.dtype == torch.int32 and idx.shape == want_idx.shape
+    assert torch.equal(idx == -1, ~chosen.expand_as(idx))                        # -1 exactly past n_sel
+    assert torch.equal(want_idx == -1, idx == -1)
+    assert (idx < n_vis[None, :, None]).all()                                    # nothing invisible
+    for row in idx.reshape(-1, topk):                                            # no entry twice
+        picked = row[row >= 0]
+        assert picked.unique().numel() == picked.numel()
+    # the selected scores equal the reference's (sorted by value, so ties do not matter) ...
+    torch.testing.assert_close(val, want_val, rtol=1e-5, atol=1e-5)
+    # ... and are the scores of the returned indices, in descending order
+    own = scores.gather(-1, idx.clamp(min=0).long()).masked_fill(idx < 0, float("-inf"))
+    torch.testing.assert_close(val, own, rtol=1e-5, atol=1e-5)
+    assert (val[..., :-1] >= val[..., 1:]).all()
+
+
+@pytest.mark.parametrize("B,T,S,t0,topk", [
+    (2, 24, 80, 0, 8),        # prefill from the start: early rows see fewer than topk entries
+    (1, 6, 300, 1000, 16),    # every row sees all 300 entries, several tiles each
+    (1, 5, 10, 30, 16),       # topk > S: padding everywhere
+])
+def test_topk_selects_reference_set(B, T, S, t0, topk):
+    q, w, k = indexer_inputs(B, T, H=4, D=16, S=S, seed=S + t0)
+    idx, val = csa_topk(q, w, k, m=4, t0=t0, topk=topk, use_kernel=True)
+    check_selection(q, w, k, 4, t0, topk, idx, val)
+
+
+def test_topk_ties_go_to_the_earlier_entry():
+    """relu makes exact ties (score 0) common: the kernel breaks them as the stable sort does."""
+    q, w, k = indexer_inputs(B=1, T=3, H=4, D=16, S=60, seed=7)
+    q, w, k = q.abs(), w.abs(), k.abs()
+    k[:, :40] = -k[:, :40]                                       # entries 0..39 score exactly 0, the rest > 0
+    idx, val = csa_topk(q, w, k, m=1, t0=100, topk=32, use_kernel=True)
+    want_idx, want_val = csa_topk_reference(q, w, k, 1, 100, 32)
+    assert (want_val == 0).sum() == 3 * 12 and torch.equal(want_idx[..., 20:].sort(-1).values,
+                                                       torch.arange(12, dtype=torch.int32).expand(1, 3, 12))
+    assert torch.equal(idx, want_idx)
+
+
+def test_decode_splits_rows_and_agrees_with_prefill():
+    """One query per sequence over many entries (the row is cut into segments, then merged) gives the
+    prefill's row for that position."""
+    B, T, S, m, topk = 2, 1, 700, 2, 16
+    q, w, k = indexer_inputs(B, 4, H=4, D=16, S=S, seed=3)
+    t0 = 1396                                                                    # the last row sees all 700
+    idx, val = csa_topk(q, w, k, m, t0, topk, use_kernel=True)
+    check_selection(q, w, k, m, t0, topk, idx, val)
+    for t in [1, 3]:
+        idx_t, val_t = csa_topk(q[:, t:t + T], w[:, t:t + T], k, m, t0 + t, topk, use_kernel=True)
+        check_selection(q[:, t:t + T], w[:, t:t + T], k, m, t0 + t, topk, idx_t, val_t)
+        torch.testing.assert_close(val_t, val[:, t:t + T], rtol=1e-5, atol=1e-5)
+
+
+def attention_inputs(B, T, n_h, c, S, topk, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, n_h, c, generator=g)
+    kv = torch.randn(B, L, c, generator=g)
+    entries = torch.randn(B, S, c, generator=g)
+    idx = torch.stack([torch.randperm(S, generator=g)[:topk] for _ in range(B * T)]).view(B, T, topk)
+    idx = idx.masked_fill(torch.rand(B, T, topk, generator=g) < 0.3, -1)        # some slots empty
+    idx[0, 0] = -1                                                               # a query with no entry
+    sink = torch.randn(n_h, generator=g)
+    return [x.to(DEVICE) for x in (q, kv, entries, idx.int(), sink)]
+
+
+@pytest.mark.parametrize("t0,L", [(40, 6 + 9), (2, 2 + 6)])   # full window / window reaching position 0
+def test_sparse_attention_equals_reference(t0, L):
+    q, kv, entries, idx, sink = attention_inputs(B=2, T=6, n_h=4, c=32, S=24, topk=20, L=L, seed=t0)
+    o, lse = sparse_attention(q, kv, entries, idx, sink, t0, window_size=10, use_kernel=True, return_lse=True)
+    want_o, want_lse = sparse_attention_reference(q, kv, entries, idx, sink, t0, 10, return_lse=True)
+    torch.testing.assert_close(o, want_o, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-5)
+    # the sink takes part: without it the output would differ
+    without = sparse_attention_reference(q, kv, entries, idx, sink - 1e4, t0, 10)
+    assert (without - want_o).abs().max() > 1e-3
+
+
+def test_sparse_attention_gradient_through_fallback():
+    inputs = attention_inputs(B=1, T=4, n_h=4, c=32, S=16, topk=8, L=4 + 5, seed=11)
+    q, kv, entries, idx, sink = inputs
+    grad_o = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    grads = []
+    for use_kernel in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (q, kv, entries, sink)]
+        o = sparse_attention(leaves[0], leaves[1], leaves[2], idx, leaves[3], 30, 6, use_kernel=use_kernel)
+        (o * grad_o).sum().backward()
+        grads.append([x.grad for x in leaves])
+    for got, want in zip(*grads):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_attention_decode_agrees_with_prefill():
+    T, t0, W = 5, 20, 8
+    q, kv, entries, idx, sink = attention_inputs(B=2, T=T, n_h=4, c=32, S=16, topk=8, L=T + W - 1, seed=2)
+    full = sparse_attention(q, kv, entries, idx, sink, t0, W, use_kernel=True)
+    for t in range(T):                          # the cached W-1 rows before t0+t, then its own row
+        rows = kv[:, t:t + W]
+        one = sparse_attention(q[:, t:t + 1], rows, entries, idx[:, t:t + 1], sink, t0 + t, W, use_kernel=True)
+        torch.testing.assert_close(one, full[:, t:t + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_name_the_problem():
+    q, w, k = indexer_inputs(B=1, T=2, H=4, D=16, S=8, seed=0)
+    with pytest.raises(ValueError, match="w must be"):
+        csa_topk(q, w[:, :, :2], k, 4, 0, 4)
+    with pytest.raises(ValueError, match="topk"):
+        csa_topk(q, w, k, 4, 0, 0)
+    q, kv, entries, idx, sink = attention_inputs(B=1, T=3, n_h=4, c=32, S=8, topk=4, L=3, seed=0)
+    with pytest.raises(ValueError, match="kv must be"):
+        sparse_attention(q, kv[:, :2], entries, idx, sink, 5, 4)
+    with pytest.raises(ValueError, match="attn_sink"):
+        sparse_attention(q, kv, entries, idx, sink[:2], 5, 4)
