@@ -377,6 +377,16 @@ class AttentionCache:
 # The attention layer
 # ----------------------------------------------------------------------------------------------------
 
+def csa_kernels(x: torch.Tensor, mode: str):
+    """kernels/csa_select.py (Triton: indexer scores + top-k, sparse attention) for CUDA inputs, None
+    elsewhere or when mode (ModelConfig.kernels) is "reference", the switch that forces this file's code.
+    Imported here, not at the top, so the model runs where Triton is not installed."""
+    if not x.is_cuda or mode == "reference":
+        return None
+    from kernels import csa_select
+    return csa_select
+
+
 class Attention(nn.Module):
     """One V4 attention layer: window only (m = 0), CSA (m = 4) or HCA (other m), or with
     cfg.attention == "full" the twin with the same projections that attends every earlier token."""
@@ -501,13 +511,20 @@ class Attention(nn.Module):
                 entries = self.compressor(x, pos0, self.inv_freq, None if cache is None else cache.compressor)
             train_indexer = self.indexer is not None and self.training and cache is None \
                 and self.cfg.csa_stage != "dense"
+            kernels = csa_kernels(x, self.cfg.kernels) if self.uses_topk else None
             if self.uses_topk or train_indexer:
                 index = self.indexer(x.detach(), cq.detach(), pos0, self.inv_freq,
                                      None if cache is None else cache.indexer)  # qI, w, KI
-                if self.uses_topk:
+                if kernels is not None:
+                    entry_idx = kernels.csa_topk(*index, self.compress_ratio, pos0, self.cfg.index_topk)[0]
+                elif self.uses_topk:
                     entry_idx = csa_select(*index, pos, self.compress_ratio, self.cfg.index_topk)   # [B, T, k]
-            o, p_entries = sparse_attention(q, window_kv, self.window_size, entries, entry_idx,
-                                            self.compress_ratio, pos0, self.attn_sink, self.softmax_scale)
+            if kernels is not None and not train_indexer:   # the KL needs p on each entry: reference
+                o = kernels.sparse_attention(q, window_kv, entries, entry_idx, self.attn_sink, pos0,
+                                             self.window_size, self.softmax_scale)
+            else:
+                o, p_entries = sparse_attention(q, window_kv, self.window_size, entries, entry_idx,
+                                                self.compress_ratio, pos0, self.attn_sink, self.softmax_scale)
             if train_indexer:
                 scores = indexer_scores(*index, idx=entry_idx)                # [B, T, K or N]
                 valid = (entry_idx >= 0) if entry_idx is not None else \

@@ -177,6 +177,7 @@ PRESETS = {
 # ================================================================================================
 
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -186,6 +187,21 @@ import torch.utils.checkpoint
 from attention import Attention, RMSNorm
 from mhc import composite_gain, expand_streams, hc_head, hc_head_init, hc_init, hc_post, hc_pre
 from moe import Expert, MoE, out_proj_std
+
+
+FP8_LAYERS = re.compile(r"\.attn\.(wq_a|wq_b|wkv|wo_b)$|\.(shared_experts|ffn)\.w[123]$")
+
+
+def use_fp8(model: nn.Module, cfg: ModelConfig) -> list[str]:
+    """--fp8: the attention projections (wq_a, wq_b, wkv, wo_b) and the shared / dense expert
+    projections run through the block-scaled FP8 GEMM (kernels/fp8_gemm.py, Triton on CUDA). The
+    embedding, head, norms, mHC, the gate and the compressor / indexer projections (fp32 in V4) stay
+    in higher precision. Not converted, said plainly: wo_a (applied group by group through its weight)
+    and the routed experts (one grouped bf16 GEMM over the stacked weights; FP8 grouped GEMM is not
+    written here)."""
+    from kernels.fp8_gemm import convert_to_fp8
+    return convert_to_fp8(model, include=lambda name, _: FP8_LAYERS.search(name) is not None,
+                          impl="reference" if cfg.kernels == "reference" else "auto")
 
 
 class Block(nn.Module):
@@ -317,6 +333,9 @@ class Transformer(nn.Module):
         for w in [self.embed.weight, self.head.weight] + [p for m in self.mtp for p in
                                                            (m.e_proj.weight, m.h_proj.weight)]:
             nn.init.normal_(w, mean=0.0, std=cfg.init_std)
+        if cfg.fp8:
+            self.fp8_layers = use_fp8(self, cfg)
+
 
     # -- forward ---------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, device=None, dtype=None) -> ModelCache:

@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weights and cache dtype on CUDA")
     p.add_argument("--fp8", action="store_true", help="FP8 block-scaled GEMM in the projections")
+    p.add_argument("--kernels", choices=["auto", "reference"], default="auto",
+                   help="auto: the Triton kernels on CUDA; reference: the plain PyTorch code")
     return p.parse_args(argv)
 
 
@@ -123,9 +125,11 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     state = load_checkpoint(args.ckpt)
-    if args.fp8:
-        state["config"]["fp8"] = True
+    state["config"].update(fp8=args.fp8 or state["config"]["fp8"], kernels=args.kernels)
     model, enc = model_from_checkpoint(state, device)
+    for m in model.modules():            # sampling never changes the weights: quantise them once
+        if hasattr(m, "cache_weight"):
+            m.cache_weight = True
     if device.type == "cuda" and args.dtype == "bf16":
         model = model.to(torch.bfloat16)
     print(model.accounting(min(model.cfg.max_seq_len, 4096)), file=sys.stderr)

@@ -141,3 +141,18 @@ def test_official_layout_round_trip():
         dst.load_official_state_dict(bad)
     with pytest.raises(ValueError, match="ablation"):
         Transformer(nano(residual="plain")).official_state_dict()
+
+
+def test_fp8_switch_converts_the_projections_only():
+    torch.manual_seed(0)
+    ref = Transformer(nano()).eval()
+    fp8 = Transformer(nano(fp8=True)).eval()
+    fp8.load_state_dict(ref.state_dict())                 # the same keys: Fp8Linear is an nn.Linear
+    names = set(fp8.fp8_layers)
+    assert "layers.1.attn.wq_b" in names and "layers.1.ffn.shared_experts.w2" in names
+    assert not any(n.endswith(("head", "gate", "wgate", "weights_proj", "e_proj")) or ".compressor." in n
+                   for n in names)
+    x = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        a, b = ref(x), fp8(x)
+    assert 0 < (a - b).norm() / a.norm() < 0.05          # FP8 rounding, not a different function
