@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU measurements behind RESULTS.md, packed for a lease of 4 H200s (one job per GPU, in parallel).
+#   bash bench/h200_session.sh 1    kernels' CUDA checks + FP8 / MoE / mHC / attention-memory benches,
+#                                   and the small preset trained as V4 and as its baseline twin
+#   bash bench/h200_session.sh 2    FSDP2 scaling on 1, 2, 4 GPUs; CSA kernels bench; Muon vs AdamW
+# Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
+set -u
+OUT=${OUT:-out/session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY=python3
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/env.log" 2>&1
+# the tokenizer and token shards, once, before the parallel jobs read them
+$PY -c "from data import prepare_data; prepare_data(None, vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+
+SMALL="--preset small --vocab-size 8192 --seq-len 2048 --batch-size 8 --lr 2e-3 --warmup-steps 50 \
+       --eval-interval 100 --eval-batches 10 --log-interval 10"
+job() {  # job GPU SECONDS COMMAND...: run on one GPU with a time limit, appending to gpuN.log
+  local gpu=$1 limit=$2; shift 2
+  echo "### $* (limit ${limit}s)" >> "$OUT/gpu$gpu.log"
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" "$@" >> "$OUT/gpu$gpu.log" 2>&1
+  echo "### exit $?" >> "$OUT/gpu$gpu.log"
+}
+
+if [ "$1" = 1 ]; then
+  ( job 0 150 $PY -m pytest -q -x tests/test_fp8_gemm.py tests/test_csa_select.py tests/test_moe.py tests/test_mhc.py
+    job 0 120 $PY bench/gpu_check.py
+    job 0 300 $PY bench/bench_fp8_gemm.py ) &
+  ( job 1 90 $PY bench/bench_moe.py
+    job 1 120 $PY bench/bench_mhc.py
+    job 1 330 $PY bench/bench_attention_memory.py ) &
+  ( job 2 470 $PY train.py $SMALL --steps 600 --ckpt-interval 300 --out-dir out/small_v4
+    job 2 60 $PY sample.py --ckpt out/small_v4/ckpt.pt --prompt "def parse_args(argv):" --max-new-tokens 200 --temperature 0.7
+    cp out/small_v4/metrics.jsonl "$OUT/small_v4.jsonl" ) &
+  ( job 3 470 $PY train.py $SMALL --steps 600 --ckpt-interval 300 --out-dir out/small_twin \
+        --attention full --ffn dense --residual plain
+    cp out/small_twin/metrics.jsonl "$OUT/small_twin.jsonl" ) &
+  wait
+elif [ "$1" = 2 ]; then
+  for n in 1 2 4; do
+    gpus=$(seq -s, 0 $((n - 1)))
+    echo "### FSDP on $n GPU(s)" >> "$OUT/gpu0.log"
+    CUDA_VISIBLE_DEVICES=$gpus timeout 150 torchrun --standalone --nproc_per_node $n train.py $SMALL \
+        --steps 40 --log-interval 10 --eval-interval 1000 --ckpt-interval 1000 --stop-at 40 \
+        --out-dir out/fsdp$n >> "$OUT/gpu0.log" 2>&1
+    echo "### exit $?" >> "$OUT/gpu0.log"
+    cp out/fsdp$n/metrics.jsonl "$OUT/fsdp$n.jsonl"
+  done
+  ( job 0 200 $PY bench/bench_csa_select.py ) &
+  ( job 1 420 $PY bench/muon_vs_adamw.py --time-budget 380 ) &
+  wait
+fi
