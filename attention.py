@@ -515,13 +515,15 @@ class Attention(nn.Module):
             if self.uses_topk or train_indexer:
                 index = self.indexer(x.detach(), cq.detach(), pos0, self.inv_freq,
                                      None if cache is None else cache.indexer)  # qI, w, KI
-                if kernels is not None:
-                    entry_idx = kernels.csa_topk(*index, self.compress_ratio, pos0, self.cfg.index_topk)[0]
+                if kernels is not None:   # the kernels take one dtype: that of the projections (bf16
+                    qI, wI, kI = index      # under autocast), the compressor's fp32 keys cast to it
+                    entry_idx = kernels.csa_topk(qI, wI, kI.to(qI.dtype), self.compress_ratio, pos0,
+                                                 self.cfg.index_topk)[0]
                 elif self.uses_topk:
                     entry_idx = csa_select(*index, pos, self.compress_ratio, self.cfg.index_topk)   # [B, T, k]
             if kernels is not None and not train_indexer:   # the KL needs p on each entry: reference
-                o = kernels.sparse_attention(q, window_kv, entries, entry_idx, self.attn_sink, pos0,
-                                             self.window_size, self.softmax_scale)
+                o = kernels.sparse_attention(q.to(kv.dtype), window_kv, entries.to(kv.dtype), entry_idx,
+                                             self.attn_sink, pos0, self.window_size, self.softmax_scale)
             else:
                 o, p_entries = sparse_attention(q, window_kv, self.window_size, entries, entry_idx,
                                                 self.compress_ratio, pos0, self.attn_sink, self.softmax_scale)

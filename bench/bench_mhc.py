@@ -9,11 +9,14 @@ with the measured step time of train.py --residual mhc vs --residual plain.
 """
 
 import argparse
+import os
+import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root
 from mhc import hc_init, hc_post, hc_pre, sinkhorn
 
 

@@ -33,8 +33,15 @@ def main():
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {value:.3g} (bound {bound})", flush=True)
 
     cfg = ModelConfig.from_preset("small", vocab_size=8192, max_seq_len=4096)
-    model = Transformer(cfg).cuda().to(torch.bfloat16).eval()
+    model = Transformer(cfg).cuda().eval()
     x = torch.randint(0, 8192, (2, 2048), device="cuda")
+    with torch.no_grad():
+        kern = model(x)
+        model.cfg.kernels = "reference"
+        ref = model(x)
+        model.cfg.kernels = "auto"
+        check("kernels vs reference, small preset, T=2048, fp32 logits", rel(kern, ref), 1e-3)
+    model = model.to(torch.bfloat16)
     with torch.no_grad():
         kern = model(x)
         model.cfg.kernels = "reference"

@@ -2,7 +2,9 @@
 # The GPU measurements behind RESULTS.md, packed for a lease of 4 H200s (one job per GPU, in parallel).
 #   bash bench/h200_session.sh 1    kernels' CUDA checks + FP8 / MoE / mHC / attention-memory benches,
 #                                   and the small preset trained as V4 and as its baseline twin
-#   bash bench/h200_session.sh 2    FSDP2 scaling on 1, 2, 4 GPUs; CSA kernels bench; Muon vs AdamW
+#   bash bench/h200_session.sh 2    CUDA checks, mHC / CSA benches, step profiles, the small preset as V4
+#                                   and as its baseline twin on the 3.11 standard library, with samples
+#   bash bench/h200_session.sh 3    FSDP2 scaling on 1, 2, 4 GPUs; Muon vs AdamW
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
 set -u
 OUT=${OUT:-out/session}
@@ -37,6 +39,27 @@ if [ "$1" = 1 ]; then
     cp out/small_twin/metrics.jsonl "$OUT/small_twin.jsonl" ) &
   wait
 elif [ "$1" = 2 ]; then
+  # the CPU machines' corpus (Python 3.11's standard library, 9.2M tokens) carried as .data/stdlib311.tgz:
+  # the GPU image's own standard library is a trimmed 3.12 (2.8M tokens)
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  DATA="--data /tmp/stdlib311 --eval-interval 50 --ckpt-interval 1000"
+  ( job 0 100 $PY -m pytest -q tests/test_fp8_gemm.py tests/test_csa_select.py
+    job 0 100 $PY bench/gpu_check.py
+    job 0 100 $PY bench/bench_mhc.py
+    job 0 200 $PY bench/bench_csa_select.py ) &
+  ( job 1 470 $PY train.py $SMALL $DATA --steps 250 --out-dir out/small_v4
+    job 1 60 $PY sample.py --ckpt out/small_v4/ckpt.pt --prompt "def parse_args(argv):" --max-new-tokens 200 --temperature 0.7
+    cp out/small_v4/metrics.jsonl "$OUT/small_v4.jsonl" ) &
+  ( job 2 470 $PY train.py $SMALL $DATA --steps 250 --out-dir out/small_twin --attention full --ffn dense --residual plain
+    job 2 60 $PY sample.py --ckpt out/small_twin/ckpt.pt --prompt "def parse_args(argv):" --max-new-tokens 200 --temperature 0.7
+    cp out/small_twin/metrics.jsonl "$OUT/small_twin.jsonl" ) &
+  ( job 3 120 $PY bench/profile_step.py --preset small
+    job 3 90 $PY bench/profile_step.py --preset small --set residual=plain --rows 0
+    job 3 90 $PY bench/profile_step.py --preset small --set fp8=True --rows 0
+    job 3 90 $PY bench/profile_step.py --preset small --set attention=full ffn=dense residual=plain --rows 0 ) &
+  wait
+elif [ "$1" = 3 ]; then
   for n in 1 2 4; do
     gpus=$(seq -s, 0 $((n - 1)))
     echo "### FSDP on $n GPU(s)" >> "$OUT/gpu0.log"
@@ -46,7 +69,6 @@ elif [ "$1" = 2 ]; then
     echo "### exit $?" >> "$OUT/gpu0.log"
     cp out/fsdp$n/metrics.jsonl "$OUT/fsdp$n.jsonl"
   done
-  ( job 0 200 $PY bench/bench_csa_select.py ) &
   ( job 1 420 $PY bench/muon_vs_adamw.py --time-budget 380 ) &
   wait
 fi

@@ -118,10 +118,15 @@ def test_gemm_matches_fp64(M, N, K, config):
     b64 = dequant_ref(b, b_s, BLOCK, torch.float32).double()
     ref = a64 @ b64.T
     # one bf16 ulp (2^-7 relative: the GPU rounds to nearest, within 2^-8, but Triton's interpreter
-    # truncates) plus the fp32 accumulation error, bounded through sum |a| |b|
-    bound = ref.abs() * 2.0 ** -7 + 1e-5 * (a64.abs() @ b64.abs().T)
+    # truncates) plus the accumulation error, bounded through sum |a| |b|: fp32 (1e-5) in the
+    # interpreter; on Hopper the FP8 tensor cores accumulate each 128-deep slice with only ~14 bits
+    # (the DeepSeek-V3 report; why the kernel promotes to fp32 every 128), so 2^-13 there. Measured
+    # on an H200: the 64x64 pointer config at (200, 260, 130) exceeded the fp32 bound.
+    accumulation = 2.0 ** -13 if y.is_cuda else 1e-5
+    bound = ref.abs() * 2.0 ** -7 + accumulation * (a64.abs() @ b64.abs().T)
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
-    assert torch.all((y.double() - ref).abs() <= bound)
+    worst = ((y.double() - ref).abs() / bound).max().item()
+    assert worst <= 1, f"error reaches {worst:.2f} x the bound"
 
 
 def test_bad_inputs_raise_value_error():
