@@ -184,11 +184,15 @@ class Indexer(nn.Module):
 
 
 def gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """src [B, N, c], idx [B, T, K] (-1 allowed: gives row 0, to be masked) -> [B, T, K, c]."""
+    """src [B, N, c], idx [B, T, K] (-1 allowed: gives row 0, to be masked) -> [B, T, K, c].
+    index_select on the flattened rows, not src[batch, idx]: its backward is an index_add, where
+    advanced indexing's backward (a sorted, deterministic index_put) took 60% of a small-preset
+    training step on an H200."""
     if src.shape[1] == 0:
         src = F.pad(src, (0, 0, 0, 1))
-    batch = torch.arange(src.shape[0], device=src.device)[:, None, None]
-    return src[batch, idx.clamp(min=0)]
+    B, N, c = src.shape
+    rows = idx.clamp(min=0) + torch.arange(B, device=src.device)[:, None, None] * N      # [B, T, K]
+    return src.reshape(B * N, c).index_select(0, rows.flatten()).view(*idx.shape, c)
 
 
 def indexer_scores(index_q, index_w, index_keys, idx=None):

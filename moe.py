@@ -213,7 +213,7 @@ def _grouped_experts(xs, e_sorted, counts, w1, w2, w3, limit):
     a = torch._grouped_mm(xp, w1.transpose(1, 2), offs=offs)                       # [rows, inter]
     b = torch._grouped_mm(xp, w3.transpose(1, 2), offs=offs)                       # [rows, inter]
     out = torch._grouped_mm(clamped_glu(a, b, limit), w2.transpose(1, 2), offs=offs)  # [rows, dim]
-    return out[dest]                                                               # [n, dim]
+    return out.index_select(0, dest)                                               # [n, dim]
 
 
 _warned = set()
@@ -247,7 +247,9 @@ def expert_dispatch(x, weights, indices, w1, w2, w3, limit, impl: str = "auto"):
         raise ValueError(f"expert_dispatch: impl must be 'auto', 'grouped' or 'loop', got {impl!r}")
     n_tok, k = indices.shape
     e_sorted, order = indices.reshape(-1).sort(stable=True)     # [N*k] pairs grouped by expert
-    xs = x[order // k]                                          # [N*k, dim] token of each pair
+    # index_select, not x[...]: its backward is an index_add, where advanced indexing's backward
+    # (a sorted, deterministic index_put) cost most of a V4 training step on an H200
+    xs = x.index_select(0, order // k)                          # [N*k, dim] token of each pair
     counts = torch.bincount(e_sorted, minlength=w1.shape[0])    # [E]
     if impl == "grouped":
         if x.is_cuda:                                           # the CUDA kernel is bf16 only

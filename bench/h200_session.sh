@@ -60,15 +60,21 @@ elif [ "$1" = 2 ]; then
     job 3 90 $PY bench/profile_step.py --preset small --set attention=full ffn=dense residual=plain --rows 0 ) &
   wait
 elif [ "$1" = 3 ]; then
-  for n in 1 2 4; do
-    gpus=$(seq -s, 0 $((n - 1)))
-    echo "### FSDP on $n GPU(s)" >> "$OUT/gpu0.log"
-    CUDA_VISIBLE_DEVICES=$gpus timeout 150 torchrun --standalone --nproc_per_node $n train.py $SMALL \
-        --steps 40 --log-interval 10 --eval-interval 1000 --ckpt-interval 1000 --stop-at 40 \
-        --out-dir out/fsdp$n >> "$OUT/gpu0.log" 2>&1
-    echo "### exit $?" >> "$OUT/gpu0.log"
-    cp out/fsdp$n/metrics.jsonl "$OUT/fsdp$n.jsonl"
-  done
-  ( job 1 420 $PY bench/muon_vs_adamw.py --time-budget 380 ) &
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  fsdp() {  # fsdp N GPUS: tokens/s of the small preset, 8 sequences of 2048 per GPU
+    echo "### FSDP on $1 GPU(s): $2" >> "$OUT/fsdp.log"
+    CUDA_VISIBLE_DEVICES=$2 timeout 150 torchrun --standalone --nproc_per_node $1 --master_port $((29400 + $1)) \
+        train.py $SMALL --data /tmp/stdlib311 --steps 20 --log-interval 5 --eval-interval 1000 \
+        --ckpt-interval 1000 --stop-at 19 --out-dir out/fsdp$1 >> "$OUT/fsdp.log" 2>&1
+    echo "### exit $?" >> "$OUT/fsdp.log"
+    cp out/fsdp$1/metrics.jsonl "$OUT/fsdp$1.jsonl"
+  }
+  ( fsdp 1 0; job 0 260 $PY bench/muon_vs_adamw.py --steps 150 --lrs 1e-3 3e-3 --time-budget 240 ) &
+  fsdp 2 1,2 &
+  ( job 3 330 $PY train.py $SMALL --data /tmp/stdlib311 --eval-interval 50 --steps 200 --out-dir out/small_v4
+    job 3 60 $PY sample.py --ckpt out/small_v4/ckpt.pt --prompt "def parse_args(argv):" --max-new-tokens 200 --temperature 0.7
+    cp out/small_v4/metrics.jsonl "$OUT/small_v4.jsonl" ) &
   wait
+  fsdp 4 0,1,2,3
 fi
