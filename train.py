@@ -404,7 +404,7 @@ def main(argv=None):
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, dynamic_ncols=True,
                disable=None if master else True)
     model.train()
-    t_last = time.time()
+    t_last, last_logged = time.time(), start_step
     for step in bar:
         if args.indexer_warmup_steps:
             set_indexer_warmup(model, step < args.indexer_warmup_steps)
@@ -435,8 +435,8 @@ def main(argv=None):
         if master and ((step + 1) % args.log_interval == 0 or step == start_step):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            dt = (time.time() - t_last) / (1 if step == start_step else args.log_interval)
-            t_last = time.time()
+            dt = (time.time() - t_last) / (step + 1 - last_logged)     # seconds per step since the last row
+            t_last, last_logged = time.time(), step + 1
             tok_s = tokens_per_step / dt
             row = {"step": step + 1, "loss": step_loss.item(), "lr": lr, "grad_norm": float(grad_norm),
                    "tok_s": tok_s, **{k: v.item() for k, v in model.metrics.items()}}
@@ -451,6 +451,7 @@ def main(argv=None):
             if "mfu" in row:
                 post["mfu"] = f"{100 * row['mfu']:.1f}%"
             bar.set_postfix(post)
+        t_aside = time.time()                       # evaluation and saving stay out of tokens/s
         if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
             val = evaluate(model, val_tokens, args, device, autocast)
             if master:
@@ -462,6 +463,7 @@ def main(argv=None):
             checkpoint(step + 1)
         if stopping:
             break
+        t_last += time.time() - t_aside
     if master:
         log.close()
         say(f"saved {ckpt_path}")
