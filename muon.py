@@ -35,19 +35,31 @@ Weight decay (V4 says "AdamW, wd 0.1" and no more): we decay every parameter of 
 the usual practice: pulling a gain or a gate bias towards 0 fights what it is for. `build_optimizer`
 applies the same rule to the plain AdamW baseline, so the two optimizers differ only in the update.
 
-Sharded parameters (FSDP2 DTensors): Newton-Schulz is not elementwise, so it must see each matrix whole.
-Momentum stays sharded (elementwise); the look-ahead update is all-gathered (`full_tensor()`, in the
-iteration dtype: bf16 on CUDA), every rank orthogonalises every matrix, and keeps its own shard of the
-result (Replicate -> Shard is a local slice, no communication). The result equals a one-process run.
-Cost per step: each rank receives (world - 1) / world of every Muon matrix, i.e. one more parameter
-all-gather on top of FSDP's forward one (in bf16 on CUDA, the size of a bf16 weight gather), and every
-rank repeats the Newton-Schulz compute for every matrix. That compute is about 60 * short * rows * cols
-FLOPs per matrix (10 iterations, short = min(rows, cols)) against 6 * tokens * rows * cols for its
-forward and backward: a fraction 10 * short / tokens, tokens counted per rank and step. Spreading the
-matrices over the ranks (each orthogonalises 1 / world of them, then the results are all-gathered)
-divides that by the world size for a second collective. It pays once 10 * short is a sizable part of
-the tokens per rank and step (the `small` preset, short up to 768, at 16 x 256 tokens per rank: more
-than all of them); not done here, the simple form comes first.
+Batching (`newton_schulz_batched`): Newton-Schulz is ~10 iterations of a few matmuls, and a model has
+hundreds of Muon matrices, most of them small: run one by one, that is ~50 short kernel launches per
+matrix (measured on an H200: 0.47 s of the `small` preset's step). Matrices with the same wide shape
+(short, long) after the tall -> wide transpose are stacked into one [n, short, long] batch and iterated
+together: ~50 launches of big batched matmuls per shape. Each matrix keeps its own Frobenius
+normalisation, so the result is the per-matrix one (to rounding: 5e-7 in fp32). A stacked expert weight
+[E, out, in] is E matrices of that batch. The price is memory: a shape's whole batch (all the experts
+of all layers, in the iteration dtype) and a few iteration temporaries of its size at once.
+
+Sharded parameters (FSDP2's `fully_shard`: DTensors, Shard(0) on a 1-D mesh of `world` ranks).
+Momentum, weight decay and the update are elementwise and stay on each rank's shard; Newton-Schulz
+must see each matrix whole:
+  * an expert stack [E, out, in] is sharded over E: each rank holds whole matrices and orthogonalises
+    its own experts, with no communication;
+  * a 2-D matrix is sharded over rows. It gets one owner rank (greedy balance of the Newton-Schulz cost,
+    largest first, the same on every rank); one all-to-all sends each rank's rows of every matrix to its
+    owner, which orthogonalises what it owns (batched as above), and a second sends each rank its rows
+    of every update back, both in the iteration dtype (bf16 on CUDA).
+Each matrix is still orthogonalised whole, by one rank, so the result equals a one-process run. Against
+the simple form (every rank all-gathers and orthogonalises every matrix), with P2 and P3 the sizes of
+the 2-D matrices and of the expert stacks: a rank received (P2 + P3) (world - 1) / world per step; now
+it sends and receives about 2 P2 (world - 1) / world^2 (for P2 the same at 2 ranks, half at 4; nothing
+for P3), and the Newton-Schulz compute (about 60 * short * rows * cols FLOPs per matrix, against
+6 * tokens * rows * cols for its forward and backward) is split over the ranks instead of repeated on
+each. The owners balance the 2-D matrices only; the expert shards are even when world divides E.
 """
 
 from __future__ import annotations
@@ -58,9 +70,10 @@ import torch
 import torch.nn as nn
 
 try:  # FSDP2 parameters are DTensors; torch builds without distributed support have neither
-    from torch.distributed.tensor import DTensor, Replicate
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover
-    DTensor, Replicate = None, None
+    dist, DTensor, Replicate, Shard = None, None, None, None
 
 QUINTIC = (3.4445, -4.7750, 2.0315)   # steep slope at 0: singular values rise fast, land in ~[0.7, 1.2]
 SETTLE = (2.0, -1.5, 0.5)             # p(1) = 1, p'(1) = 0: pulls them onto 1
@@ -71,14 +84,19 @@ NS_SCHEDULES = {
 UPDATE_RMS = 0.18                     # V4: RMS of the scaled Muon update, about AdamW's
 
 
+def iteration_dtype(device: torch.device) -> torch.dtype:
+    """Newton-Schulz runs in bf16 on CUDA (it tolerates it; matmuls twice as fast), in fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def newton_schulz(G: torch.Tensor, schedule, eps: float = 1e-7) -> torch.Tensor:
     """Approximately orthogonalise each matrix of G [..., rows, cols]: U S V^T -> U V^T.
 
-    Leading dimensions are a batch (stacked experts). bf16 on CUDA, fp32 elsewhere; returns G's dtype.
+    Leading dimensions are a batch (stacked experts). Iterates in `iteration_dtype`; returns G's dtype.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
-    dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    dtype = iteration_dtype(G.device)
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:
@@ -94,21 +112,122 @@ def newton_schulz(G: torch.Tensor, schedule, eps: float = 1e-7) -> torch.Tensor:
     return X.to(G.dtype)
 
 
+def newton_schulz_batched(matrices, schedule) -> list:
+    """newton_schulz of every tensor in `matrices` ([..., rows, cols] each), one call per wide shape.
+
+    Returns the results in the same order and shapes, in `iteration_dtype`.
+    """
+    buckets = {}                                                  # (short, long, device) -> indices
+    for i, G in enumerate(matrices):
+        rows, cols = G.shape[-2:]
+        buckets.setdefault((min(rows, cols), max(rows, cols), G.device), []).append(i)
+    results = [None] * len(matrices)
+    for (_, _, device), members in buckets.items():
+        pieces = []
+        for i in members:
+            G = matrices[i].to(iteration_dtype(device))
+            G = G.reshape(-1, *G.shape[-2:])                              # [n_i, rows, cols]
+            pieces.append(G.mT if G.size(-2) > G.size(-1) else G)         # [n_i, short, long]
+        O = newton_schulz(torch.cat(pieces), schedule)                    # [n, short, long]
+        for i, piece in zip(members, O.split([p.size(0) for p in pieces])):
+            G = matrices[i]
+            results[i] = (piece.mT if G.size(-2) > G.size(-1) else piece).reshape(G.shape)
+    return results
+
+
 def update_scale(shape) -> float:
     """0.18 * sqrt(max(rows, cols)) of one matrix (the last two dims): the scaled update has RMS 0.18."""
     return UPDATE_RMS * math.sqrt(max(shape[-2], shape[-1]))
 
 
-def _orthogonalise(update: torch.Tensor, schedule) -> torch.Tensor:
-    """newton_schulz on whole matrices, also when `update` is a sharded DTensor (see the docstring)."""
-    if DTensor is not None and isinstance(update, DTensor):
-        mesh, placements = update.device_mesh, update.placements
-        dtype = torch.bfloat16 if update.device.type == "cuda" else torch.float32
-        full = update.to(dtype).full_tensor()                     # all-gather: [..., rows, cols] on every rank
-        ortho = newton_schulz(full, schedule).to(update.dtype)
-        replicated = DTensor.from_local(ortho, mesh, [Replicate()] * mesh.ndim, run_check=False)
-        return replicated.redistribute(mesh, placements)          # keep this rank's shard: a local slice
-    return newton_schulz(update, schedule)
+# --- sharded parameters: which rank orthogonalises which matrix (see the module docstring) -----------
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of t: the local shard of a DTensor (a view: in-place ops update t), else t."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _row_sharded(p: torch.Tensor) -> bool:
+    """True for a 2-D DTensor sharded by rows over several ranks (FSDP2); False where this rank's
+    tensor holds whole matrices (a plain tensor, a replica, a stack sharded over its batch dim)."""
+    if DTensor is None or not isinstance(p, DTensor) or p.device_mesh.size() == 1:
+        return False
+    placements = p.placements
+    if all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim < p.ndim - 2) for pl in placements):
+        return False
+    if p.ndim == 2 and p.device_mesh.ndim == 1 and placements[0] == Shard(0):
+        return True
+    raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is sharded as {placements} on a "
+                     f"{p.device_mesh.ndim}-D mesh; supported: whole matrices per rank, or Shard(0) of a "
+                     f"matrix on a 1-D mesh (FSDP2's fully_shard)")
+
+
+def row_split(rows: int, world: int) -> list:
+    """Rows of each rank under Shard(0), as torch.chunk cuts: ceil(rows / world) each, the last short."""
+    chunk = -(-rows // world)
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+
+
+def assign_owners(shapes, world: int) -> list:
+    """An owner rank per matrix [rows, cols]: the costliest first (~ rows * cols * short), each to the
+    least-loaded rank (ties: the lower index, then the lower rank), so every rank gets the same answer."""
+    load, owners = [0] * world, [0] * len(shapes)
+    costs = [r * c * min(r, c) for r, c in shapes]
+    for i in sorted(range(len(shapes)), key=lambda i: -costs[i]):     # a stable sort
+        owners[i] = min(range(world), key=load.__getitem__)
+        load[owners[i]] += costs[i]
+    return owners
+
+
+def _all_to_all(send, recv_shapes, group, dtype, device):
+    """send[r] (a list of tensors) goes to rank r; returns, per source rank r, the tensors of shapes
+    recv_shapes[r] that it sent to this rank. One all_to_all_single on a flat buffer."""
+    flat = [t.reshape(-1) for ts in send for t in ts]
+    flat = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+    sizes = [[math.prod(s) for s in ss] for ss in recv_shapes]
+    out = torch.empty(sum(map(sum, sizes)), dtype=dtype, device=device)
+    dist.all_to_all_single(out, flat, [sum(s) for s in sizes], [sum(t.numel() for t in ts) for ts in send],
+                           group=group)
+    pieces = iter(out.split([n for s in sizes for n in s]))
+    return [[next(pieces).view(s) for s in ss] for ss in recv_shapes]
+
+
+def _orthogonalise(params, updates, schedule) -> list:
+    """The orthogonalised updates of `params`, each shaped as this rank's part of `updates` (its shard
+    of the parameter). Row-sharded matrices go through their owners (see the module docstring)."""
+    sharded = [i for i, p in enumerate(params) if _row_sharded(p)]
+    whole = [i for i in range(len(params)) if i not in set(sharded)]
+    if not sharded:
+        return newton_schulz_batched(updates, schedule)
+    mesh = params[sharded[0]].device_mesh
+    if any(params[i].device_mesh != mesh for i in sharded):
+        raise ValueError("Muon: the row-sharded parameters of one group must share one device mesh")
+    group, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    dtype, device = iteration_dtype(updates[0].device), updates[0].device
+    shapes = [tuple(params[i].shape) for i in sharded]                   # [rows, cols], whole
+    splits = [row_split(rows, world) for rows, _ in shapes]              # rows held by each rank
+    for k, i in enumerate(sharded):
+        if updates[i].size(0) != splits[k][rank]:
+            raise ValueError(f"Muon: rank {rank} holds {updates[i].size(0)} rows of a {shapes[k]} matrix, "
+                             f"expected {splits[k][rank]} (FSDP2's Shard(0) cuts as torch.chunk)")
+    owners = assign_owners(shapes, world)
+    owned = [[k for k, o in enumerate(owners) if o == r] for r in range(world)]   # the matrices of rank r
+    mine = owned[rank]
+    # 1. every rank sends its rows of each matrix to the matrix's owner, which stacks them whole
+    from_ranks = _all_to_all([[updates[sharded[k]].to(dtype) for k in owned[r]] for r in range(world)],
+                             [[(splits[k][r], shapes[k][1]) for k in mine] for r in range(world)],
+                             group, dtype, device)
+    full = [torch.cat(rows) for rows in zip(*from_ranks)]                # [rows, cols] per matrix of mine
+    ortho = newton_schulz_batched([updates[i] for i in whole] + full, schedule)   # this rank's work only
+    # 2. every owner sends each rank the rows it holds of the orthogonalised matrices
+    from_owners = _all_to_all([[O.split(splits[k])[r] for k, O in zip(mine, ortho[len(whole):])]
+                               for r in range(world)],
+                              [[(splits[k][rank], shapes[k][1]) for k in owned[r]] for r in range(world)],
+                              group, dtype, device)
+    results = dict(zip(whole, ortho))
+    for r in range(world):
+        results.update((sharded[k], O) for k, O in zip(owned[r], from_owners[r]))
+    return [results[i] for i in range(len(params))]
 
 
 def _uses_muon(name: str, param: torch.Tensor) -> bool:
@@ -187,19 +306,22 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, group):
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        schedule = NS_SCHEDULES[group["ns_schedule"]]
+        params, updates = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad)
-            M = state["momentum_buffer"]
-            M.mul_(mu).add_(p.grad)                                   # M = mu M + G
-            update = p.grad.add(M, alpha=mu) if group["nesterov"] else M
-            O = _orthogonalise(update, schedule)                      # [..., rows, cols], singular values ~1
-            p.mul_(1 - lr * wd)                                       # decoupled weight decay
-            p.add_(O, alpha=-lr * update_scale(p.shape))
+                state["momentum_buffer"] = torch.zeros_like(p.grad)        # sharded like p under FSDP2
+            M, G = _local(state["momentum_buffer"]), _local(p.grad)      # this rank's shards
+            M.mul_(mu).add_(G)                                           # M = mu M + G
+            params.append(p)
+            update = G.add(M, alpha=mu) if group["nesterov"] else M      # Nesterov: mu M + G
+            updates.append(update.to(iteration_dtype(update.device)))    # kept until all are done
+        for p, O in zip(params, _orthogonalise(params, updates, NS_SCHEDULES[group["ns_schedule"]])):
+            W = _local(p)
+            W.mul_(1 - lr * wd)                                          # decoupled weight decay
+            W.add_(O, alpha=-lr * update_scale(p.shape))                 # p.shape: the whole matrix's
 
     def _adamw_step(self, group):
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from muon import (NS_SCHEDULES, QUINTIC, UPDATE_RMS, Muon, build_optimizer, muon_param_groups,
-                  newton_schulz)
+import muon
+from muon import (NS_SCHEDULES, QUINTIC, UPDATE_RMS, Muon, assign_owners, build_optimizer, muon_param_groups,
+                  newton_schulz, newton_schulz_batched, row_split)
 
 
 # --- a stand-in with the V4 parameter names (model.py's Transformer is checked too when it exists) --
@@ -152,6 +153,36 @@ def test_newton_schulz_batch_equals_per_matrix():
 def test_newton_schulz_rejects_vectors():
     with pytest.raises(ValueError, match="shape"):
         newton_schulz(torch.randn(5), NS_SCHEDULES["hybrid"])
+
+
+def test_newton_schulz_batched_equals_per_matrix(monkeypatch):
+    # a tall and a wide matrix of one shape, stacks of it either way, another shape, an empty stack
+    torch.manual_seed(0)
+    matrices = [torch.randn(10, 6), torch.randn(6, 10), torch.randn(3, 6, 10), torch.randn(4, 10, 6),
+                torch.randn(5, 7), torch.randn(0, 6, 10)]
+    batches = []
+    monkeypatch.setattr(muon, "newton_schulz",
+                        lambda G, s: batches.append(tuple(G.shape)) or newton_schulz(G, s))
+    results = newton_schulz_batched(matrices, NS_SCHEDULES["hybrid"])
+    assert batches == [(9, 6, 10), (1, 5, 7)]                            # one call per wide shape
+    for G, O in zip(matrices, results):
+        assert O.shape == G.shape
+        torch.testing.assert_close(O, newton_schulz(G, NS_SCHEDULES["hybrid"]), rtol=1e-5, atol=1e-6)
+
+
+def test_row_split_is_torch_chunk():
+    # FSDP2's Shard(0) cuts a parameter as torch.chunk does; ranks past the last chunk hold no rows
+    for rows in range(10):
+        for world in range(1, 5):
+            chunks = [len(c) for c in torch.arange(rows).chunk(world)]
+            assert row_split(rows, world) == chunks + [0] * (world - len(chunks)), (rows, world)
+
+
+def test_assign_owners_balances_cost():
+    assert assign_owners([(16, 16)] * 8, 4) == [0, 1, 2, 3, 0, 1, 2, 3]  # equal costs: round robin
+    # costs ~ rows * cols * short: one 32 x 32 (32768) outweighs four 8 x 8 (512 each), so it is alone
+    assert assign_owners([(8, 8)] * 4 + [(32, 32)], 2) == [1, 1, 1, 1, 0]
+    assert assign_owners([(20, 12), (5, 12)], 1) == [0, 0]
 
 
 # --- the Muon step against references ---------------------------------------------------------------
@@ -351,7 +382,7 @@ def test_state_dict_round_trip_continues_identically():
         assert torch.equal(a, b), n
 
 
-# --- FSDP2: two gloo processes against one process ---------------------------------------------------
+# --- FSDP2: gloo processes against one process ------------------------------------------------------
 
 class TinyShardable(nn.Module):
     """Uneven shards on purpose: 3 experts and 5 output rows over 2 ranks."""
@@ -370,24 +401,59 @@ class TinyShardable(nn.Module):
         return self.l2(torch.relu(self.l1(h)))                           # [B, T, 5]
 
 
+class ManyMatrices(nn.Module):
+    """10 Muon matrices for 2 ranks, 6 of them 2-D (more than ranks), in uneven shapes: odd row counts, a
+    matrix with fewer rows than ranks, tall and wide ones of one shape, expert stacks with fewer experts
+    than ranks (a rank holds none) and with an odd count, and a 2-D parameter held by the root."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 12)
+        self.norm = nn.RMSNorm(12)
+        self.up1 = nn.Linear(12, 20, bias=False)                         # [20, 12], tall
+        self.up2 = nn.Linear(12, 20, bias=False)
+        self.down = nn.Linear(20, 12, bias=False)                        # [12, 20], wide: the same bucket
+        self.tiny = nn.Linear(12, 1, bias=False)                         # 1 row over 2 ranks
+        self.out = nn.Linear(12, 5, bias=False)
+        self.proj = nn.Parameter(torch.randn(9, 12) * 0.2)               # sharded with the root
+        self.w1 = nn.Parameter(torch.randn(1, 7, 12) * 0.2)              # [E, out, in], E = 1 < 2 ranks
+        self.w2 = nn.Parameter(torch.randn(3, 12, 7) * 0.2)              # E = 3: 2 and 1 per rank
+
+    def forward(self, tokens):
+        h = self.norm(self.embed(tokens))                                # [B, T, 12]
+        h = h + self.down(torch.relu(self.up1(h)) * self.up2(h))
+        e = torch.relu(torch.einsum("btd,od->bto", h, self.w1[0]))       # [B, T, 7]
+        h = h + torch.tanh(torch.einsum("bto,edo->bted", e, self.w2)).sum(2)   # [B, T, 3, 12] -> [B, T, 12]
+        h = h * torch.sigmoid(self.tiny(h)) + 0.1 * (h @ self.proj.T) @ self.proj
+        return self.out(h)                                               # [B, T, 5]
+
+
 FSDP_STEPS = 3
+FSDP_WORLD = 2   # (g + g) / 2 is exact; with 3 ranks FSDP2's averaged gradient is off by a rounding
+FSDP_CASES = {"tiny": TinyShardable, "many": ManyMatrices}
 
 
 def _fsdp_batches():
     return [torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(s)) for s in range(FSDP_STEPS)]
 
 
-def _fsdp_worker(rank, world, folder):
+def _fsdp_worker(rank, world, folder, case):
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = TinyShardable()
-    fully_shard(model.l1)
-    fully_shard(model.l2)
+    model = FSDP_CASES[case]()
+    for module in model.children():
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
     fully_shard(model)
     opt = build_optimizer(model, "muon", lr=0.02)
+    orthogonalised, counts = [], []                                      # matrices this rank iterates
+    plain = muon.newton_schulz
+    muon.newton_schulz = lambda G, s: orthogonalised.append(G.shape[:-2].numel()) or plain(G, s)
     for tokens in _fsdp_batches():
         # Every rank takes the whole batch, so the averaged gradient is the one-process gradient bit for
         # bit. With different halves per rank it differs by rounding (1e-7), and Newton-Schulz amplifies
@@ -396,22 +462,37 @@ def _fsdp_worker(rank, world, folder):
         model(tokens).square().mean().backward()
         opt.step()
         opt.zero_grad()
+        counts.append(sum(orthogonalised))
+        orthogonalised.clear()
+    muon.newton_schulz = plain
+    torch.save(counts, os.path.join(folder, f"counts{rank}.pt"))
     full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    # a matrix sharded over its columns is refused with a clear error, before any communication
+    mesh = init_device_mesh("cpu", (world,))
+    bad = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    bad.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
+    try:
+        Muon([dict(params=[bad], use_muon=True)]).step()
+        error = ""
+    except ValueError as e:
+        error = str(e)
     if rank == 0:
-        torch.save(full, os.path.join(folder, "sharded.pt"))
+        torch.save({"params": full, "error": error}, os.path.join(folder, "sharded.pt"))
     dist.destroy_process_group()
 
 
-def test_fsdp2_sharded_equals_one_process(tmp_path):
+@pytest.mark.parametrize("case", sorted(FSDP_CASES))
+def test_fsdp2_sharded_equals_one_process(tmp_path, case):
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not (torch.distributed.is_available() and hasattr(fsdp, "fully_shard")):
         pytest.skip("torch.distributed / FSDP2 unavailable")
     import torch.multiprocessing as mp
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)
+    mp.spawn(_fsdp_worker, args=(FSDP_WORLD, str(tmp_path), case), nprocs=FSDP_WORLD, join=True)
+    saved = torch.load(tmp_path / "sharded.pt", weights_only=True)
+    assert "sharded as" in saved["error"], saved["error"]
 
     torch.manual_seed(0)
-    model = TinyShardable()
+    model = FSDP_CASES[case]()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = build_optimizer(model, "muon", lr=0.02)
     threads = torch.get_num_threads()
@@ -424,5 +505,11 @@ def test_fsdp2_sharded_equals_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(sharded[n], p.data, rtol=0, atol=1e-5, msg=n)
+        torch.testing.assert_close(saved["params"][n], p.data, rtol=0, atol=1e-5, msg=n)
         assert not torch.equal(p.data, initial[n]), n                    # every parameter moved
+
+    # the work is split: every matrix orthogonalised by exactly one rank per step, no rank doing all
+    matrices = sum(p.shape[:-2].numel() for p in muon_param_groups(model)[0])
+    counts = torch.tensor([torch.load(tmp_path / f"counts{r}.pt") for r in range(FSDP_WORLD)])  # [rank, step]
+    assert (counts.sum(0) == matrices).all(), counts
+    assert (counts.max(0).values < matrices).all(), counts
