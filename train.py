@@ -44,11 +44,21 @@ H200_BF16_PEAK = 989e12
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dense bf16 FLOP/s of an H100/H200 SXM by the datasheet, for MFU
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the examples kept as written."""
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a DeepSeek V4 model (nanov4). Defaults train the nano preset on the "
                     "embedded corpus (the Python standard library's source) on the CPU in minutes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter,
+        epilog="examples:\n"
+               "  python train.py                                         # nano V4, CPU, minutes\n"
+               "  python train.py --preset small --data corpus/ --seq-len 4096   # one GPU\n"
+               "  torchrun --nproc_per_node 4 train.py --preset small ...        # FSDP2\n"
+               "  python train.py --out-dir out/nano --resume             # continue exactly\n"
+               "  python train.py --plot out/nano/metrics.jsonl           # loss curves to PNG")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="nano", choices=sorted(PRESETS), help="model size")
     g.add_argument("--attention", choices=["v4", "full"], help="override: hybrid V4 attention or the full twin")
@@ -65,16 +75,17 @@ def parse_args(argv=None):
     g.add_argument("--tokenizer-sample-mb", type=float, default=4.0, help="MB of text the tokenizer trains on")
     g.add_argument("--cache-dir", default="cache", help="where tokenizers and token shards are cached")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=["muon", "adamw"], default="muon")
+    g.add_argument("--optimizer", choices=["muon", "adamw"], default="muon",
+                   help="V4's hybrid Muon (AdamW for embeddings, norms, mHC gates) or plain AdamW")
     g.add_argument("--steps", type=int, default=300, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (per rank)")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps")
     g.add_argument("--decay-frac", type=float, default=0.2, help="fraction of steps in the final decay")
     g.add_argument("--min-lr-frac", type=float, default=0.1, help="final lr as a fraction of the peak")
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled, on matrices only")
     g.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0 = off)")
     g.add_argument("--bias-gamma", type=float, default=1e-3, help="MoE aux-loss-free bias step")
     g.add_argument("--csa-stage", choices=["dense", "sparse"], default=None,
@@ -84,15 +95,16 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default="out/nano", help="checkpoint and metrics.jsonl go here")
     g.add_argument("--resume", action="store_true", help="continue from out-dir/ckpt.pt")
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--seed", type=int, default=1337, help="model init and data order")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast dtype on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward pass (less memory, ~30%% more compute)")
-    g.add_argument("--eval-interval", type=int, default=100)
-    g.add_argument("--eval-batches", type=int, default=10)
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=100, help="steps between validation losses")
+    g.add_argument("--eval-batches", type=int, default=10, help="batches per validation loss")
+    g.add_argument("--log-interval", type=int, default=10,
+                   help="steps between metrics.jsonl rows (diagnostics every 10 rows)")
     g.add_argument("--ckpt-interval", type=int, default=100, help="also saved at the end")
     g.add_argument("--stop-at", type=int, default=None,
                    help="stop (with a checkpoint) after this step, as a preempted job would; --resume continues")
