@@ -336,7 +336,6 @@ class Transformer(nn.Module):
         if cfg.fp8:
             self.fp8_layers = use_fp8(self, cfg)
 
-
     # -- forward ---------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, device=None, dtype=None) -> ModelCache:
         device = device or self.embed.weight.device
@@ -354,6 +353,8 @@ class Transformer(nn.Module):
                                  f"{self.cfg.max_seq_len}")
         elif T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len = {self.cfg.max_seq_len}")
+        for moe in self.moe_layers():                         # only this forward's balance losses count
+            moe.aux_loss = None
         h = self.embed(tokens)                                # [B, T, d]
         if self.cfg.residual == "mhc":
             h = expand_streams(h, self.cfg.hc_mult)           # [B, T, n, d]
