@@ -5,6 +5,9 @@
 #   bash bench/h200_session.sh 2    CUDA checks, mHC / CSA benches, step profiles, the small preset as V4
 #                                   and as its baseline twin on the 3.11 standard library, with samples
 #   bash bench/h200_session.sh 3    FSDP2 scaling on 1, 2, 4 GPUs; Muon vs AdamW
+#   bash bench/h200_session.sh 4    what the first lease left open: the whole small preset at long T, step
+#                                   profile and CUDA checks, CSA kernel tests + bench, a longer V4 run + sample
+#   bash bench/h200_session.sh 5    FSDP2 scaling again, each size alone (after the Muon partitioning)
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
 set -u
 OUT=${OUT:-out/session}
@@ -22,6 +25,15 @@ job() {  # job GPU SECONDS COMMAND...: run on one GPU with a time limit, appendi
   echo "### $* (limit ${limit}s)" >> "$OUT/gpu$gpu.log"
   CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" "$@" >> "$OUT/gpu$gpu.log" 2>&1
   echo "### exit $?" >> "$OUT/gpu$gpu.log"
+}
+
+fsdp() {  # fsdp N GPUS: tokens/s of the small preset, 8 sequences of 2048 per GPU
+  echo "### FSDP on $1 GPU(s): $2" >> "$OUT/fsdp.log"
+  CUDA_VISIBLE_DEVICES=$2 timeout 150 torchrun --standalone --nproc_per_node $1 --master_port $((29400 + $1)) \
+      train.py $SMALL --data /tmp/stdlib311 --steps 20 --log-interval 5 --eval-interval 1000 \
+      --ckpt-interval 1000 --stop-at 19 --out-dir out/fsdp$1 >> "$OUT/fsdp.log" 2>&1
+  echo "### exit $?" >> "$OUT/fsdp.log"
+  cp out/fsdp$1/metrics.jsonl "$OUT/fsdp$1.jsonl"
 }
 
 if [ "$1" = 1 ]; then
@@ -62,14 +74,6 @@ elif [ "$1" = 2 ]; then
 elif [ "$1" = 3 ]; then
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
   $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
-  fsdp() {  # fsdp N GPUS: tokens/s of the small preset, 8 sequences of 2048 per GPU
-    echo "### FSDP on $1 GPU(s): $2" >> "$OUT/fsdp.log"
-    CUDA_VISIBLE_DEVICES=$2 timeout 150 torchrun --standalone --nproc_per_node $1 --master_port $((29400 + $1)) \
-        train.py $SMALL --data /tmp/stdlib311 --steps 20 --log-interval 5 --eval-interval 1000 \
-        --ckpt-interval 1000 --stop-at 19 --out-dir out/fsdp$1 >> "$OUT/fsdp.log" 2>&1
-    echo "### exit $?" >> "$OUT/fsdp.log"
-    cp out/fsdp$1/metrics.jsonl "$OUT/fsdp$1.jsonl"
-  }
   ( fsdp 1 0; job 0 260 $PY bench/muon_vs_adamw.py --steps 150 --lrs 1e-3 3e-3 --time-budget 240 ) &
   fsdp 2 1,2 &
   ( job 3 330 $PY train.py $SMALL --data /tmp/stdlib311 --eval-interval 50 --steps 200 --out-dir out/small_v4
@@ -77,4 +81,25 @@ elif [ "$1" = 3 ]; then
     cp out/small_v4/metrics.jsonl "$OUT/small_v4.jsonl" ) &
   wait
   fsdp 4 0,1,2,3
+elif [ "$1" = 4 ]; then
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  LONG="--preset small --vocab-size 8192 --data /tmp/stdlib311 --batch-size 1 --steps 3 --log-interval 1 --eval-interval 1000"
+  ( for T in 8192 16384 32768 65536; do    # peak memory of the whole model: mem_gb in the rows
+      job 0 150 $PY train.py $LONG --seq-len $T --out-dir out/long$T
+      grep -h mem_gb out/long$T/metrics.jsonl | tail -n 1 >> "$OUT/gpu0.log"
+    done
+    job 0 150 $PY train.py $LONG --seq-len 131072 --set max_seq_len=131072 --activation-checkpointing --out-dir out/long131k
+    job 0 120 $PY -m pytest -q tests/test_csa_select.py tests/test_fp8_gemm.py
+    job 0 200 $PY bench/bench_csa_select.py ) &
+  ( job 1 100 $PY bench/profile_step.py --preset small
+    job 1 100 $PY bench/gpu_check.py ) &
+  ( job 2 470 $PY train.py $SMALL --data /tmp/stdlib311 --eval-interval 100 --steps 400 --ckpt-interval 400 --out-dir out/small_v4
+    job 2 100 $PY sample.py --ckpt out/small_v4/ckpt.pt --prompt "def parse_args(argv):" --max-new-tokens 200 --temperature 0.7
+    cp out/small_v4/metrics.jsonl "$OUT/small_v4.jsonl" ) &
+  wait
+elif [ "$1" = 5 ]; then
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  fsdp 1 0; fsdp 2 0,1; fsdp 4 0,1,2,3     # FSDP2 scaling, each size alone on the machine
 fi
