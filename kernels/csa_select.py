@@ -9,7 +9,8 @@ At long context these three steps dominate a CSA layer. For each query t at posi
               j over the selected entries kv_comp[idx[t]] and the window rows at p - n_win + 1 .. p
 
 The official code runs the indexer in FP4 after a Hadamard rotation; here it runs in the input dtype
-(bf16 on a GPU), which the rotation would not change. Each kernel has a plain PyTorch reference next to
+(bf16 on a GPU), which the rotation would not change. fp32 inputs (the tests) get full-fp32 dots
+(`input_precision="ieee"`), not Triton's TF32 default. Each kernel has a plain PyTorch reference next to
 it (`*_reference`), and the public functions `indexer_scores`, `csa_topk` and `sparse_attention` pick
 the kernel on CUDA and the reference elsewhere (`use_kernel=False` forces the reference).
 
@@ -18,12 +19,15 @@ Kernels:
   (all of them, for BT queries) are loaded once and stay put; entry blocks stream past them. The dot
   is K_block @ Q^T, so the entries sit on the MMA's M dimension and the heads on N, and the weighted
   sum over heads is a row reduction of the accumulator.
-- `_radix_topk_kernel`: one program per row (or per row segment). A radix select over the fp32 bits,
-  mapped to order-preserving uint32 keys: three passes of 11/11/10-bit histograms find the k-th key,
-  a compaction pass writes the entries above it and the first ties at it (in index order), and a
-  bitonic sort orders the result by score, descending, ties by index. That is exactly "a stable sort,
-  descending, first k", the order attention.py's `csa_select` uses. For few rows (decode) a row is cut
-  into segments whose top-k candidates a second launch of the same kernel reduces.
+- `_tile_topk_kernel`: one program per tile of a row (4096 scores, held in registers). It finds the
+  tile's k-th largest score as a radix select over order-preserving uint32 keys, 2 bits a pass (the
+  three counts of a pass share one reduction), stopping once exactly k keys are at or above the
+  threshold; writes the keys above it and the first ties at it (in index order); and, for a row's last
+  list, sorts the result by score, descending, ties by index. That is exactly "a stable sort,
+  descending, first k", the order attention.py's `csa_select` uses. A row longer than a tile (decode
+  over 262144 entries: 64 tiles) leaves one list per tile; further launches of the same kernel merge
+  groups of lists that fill a tile (8 lists of 512) until one is left. Only reductions, scans and a
+  sort: no atomics, so the result never depends on timing.
 - `_sparse_attention_kernel`: one program per (query, group of heads). All heads of the group share
   the one K == V head, so each gathered row is loaded once for all of them (heads on the MMA's M).
   The sink starts the online softmax: running max = sink, running denominator = exp(sink - max) = 1.
@@ -45,7 +49,14 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 _SCORE_BUFFER_ELEMS = 2 ** 28     # fp32 scores kept at once (1 GiB); longer prefills go in query chunks
-_FEW_ROWS = 128                   # fewer rows than this: split each row over several top-k programs
+_FEW_ROWS = 128                   # fewer query rows than this: the score kernel takes shorter entry chunks
+_TOPK_TILE = 64 if _INTERPRET else 4096   # scores one top-k program holds (tiny in the CPU tests: many tiles)
+
+
+def _dot_precision(dtype: torch.dtype):
+    """tl.dot's input_precision: fp32 inputs in full fp32 ("ieee"; Triton's default on a GPU is TF32,
+    ~1e-3 off), every other dtype Triton's default (None: the bf16 kernels stay as they were)."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,7 +124,7 @@ def sparse_attention_reference(q, kv, entries, entry_idx, attn_sink, t0: int, wi
 def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, out_ptr, T, S, t0, m, s_chunk,
                            sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, so_b, so_t, so_s,
                            H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                           BT: tl.constexpr, BS: tl.constexpr):
+                           BT: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -138,7 +149,7 @@ def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, out_ptr, T, S, t0, m, s_chunk,
         s = s0 + tl.arange(0, BS)
         kb = tl.load(k_ptr + b * sk_b + s[:, None].to(tl.int64) * sk_s + d[None, :] * sk_d,
                      mask=(s[:, None] < S) & (d[None, :] < D), other=0.0)         # [BS, D_PAD]
-        dots = tl.dot(kb, qT)                                                   # [BS, BT*H_PAD]
+        dots = tl.dot(kb, qT, input_precision=DOT_PRECISION)                      # [BS, BT*H_PAD]
         contrib = tl.maximum(dots, 0.0) * wb[None, :]
         scores = tl.sum(tl.reshape(contrib, [BS, BT, H_PAD]), axis=2)             # [BS, BT]
         scores = tl.where(s[:, None] < n_vis[None, :], scores, float("-inf"))
@@ -162,23 +173,23 @@ def _scores_triton(q, w, k, m: int, t0: int, out: torch.Tensor):
     H_PAD, D_PAD = max(16, triton.next_power_of_2(H)), max(16, triton.next_power_of_2(D))
     s_chunk = 32 if _INTERPRET else (1024 if B * T < _FEW_ROWS else 4096)   # multiple of every BS
     args = (q, w, k, out, T, S, t0, m, s_chunk, *q.stride(), *w.stride(), *k.stride(), *out.stride())
+    meta = dict(H=H, D=D, H_PAD=H_PAD, D_PAD=D_PAD, DOT_PRECISION=_dot_precision(q.dtype))
     if _INTERPRET:
-        _indexer_scores_kernel[(triton.cdiv(T, 2), triton.cdiv(S, s_chunk), B)](
-            *args, H=H, D=D, H_PAD=H_PAD, D_PAD=D_PAD, BT=2, BS=16)
+        _indexer_scores_kernel[(triton.cdiv(T, 2), triton.cdiv(S, s_chunk), B)](*args, **meta, BT=2, BS=16)
     else:
-        grid = lambda meta: (triton.cdiv(T, meta["BT"]), triton.cdiv(S, s_chunk), B)
-        _indexer_scores_tuned[grid](*args, H=H, D=D, H_PAD=H_PAD, D_PAD=D_PAD)
+        grid = lambda cfg: (triton.cdiv(T, cfg["BT"]), triton.cdiv(S, s_chunk), B)
+        _indexer_scores_tuned[grid](*args, **meta)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Kernel 2: top-k by radix select
+# Kernel 2: top-k by radix select over a tile held in registers, merged up a tree
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _float_to_key(x):
     """fp32 -> uint32 whose unsigned order is the float order (flip all bits of negatives, set the sign
-    bit of the rest)."""
-    bits = x.to(tl.uint32, bitcast=True)
+    bit of the rest). -0.0 becomes +0.0 first: the reference's sort holds them equal."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.uint32, bitcast=True)
     return tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
 
 
@@ -189,93 +200,65 @@ def _key_to_float(key):
 
 
 @triton.jit
-def _load_entries(row_ptr, offs, hi, bound):
-    """Scores row[offs], their keys, and which are valid: below hi and not -inf (an empty candidate
-    slot). The load runs to `bound`, hi rounded up to 16, so its mask allows vector loads."""
-    v = tl.load(row_ptr + offs, mask=offs < bound, other=float("-inf"))
-    return v, _float_to_key(v), (offs < hi) & (v > float("-inf"))
-
-
-@triton.jit
-def _digit_histogram(row_ptr, lo, hi, bound, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr,
-                     FIRST: tl.constexpr, BLOCK: tl.constexpr):
-    """Histogram (2048 bins) of the digit (key >> SHIFT) & (2^BITS - 1) over the valid entries of
-    row[lo:hi] whose higher bits, key >> (SHIFT + BITS), equal `prefix` (all of them when FIRST)."""
-    hist = tl.zeros([2048], dtype=tl.int32)
-    for start in range(lo, hi, BLOCK):
-        v, key, ok = _load_entries(row_ptr, start + tl.arange(0, BLOCK), hi, bound)
-        if not FIRST:
-            ok = ok & ((key >> (SHIFT + BITS)) == prefix)
-        hist += tl.histogram(((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32), 2048, mask=ok)
-    return hist
-
-
-@triton.jit
-def _pick_digit(hist, krem):
-    """The digit holding the krem-th largest key, and how many of the keys still needed lie in it."""
-    bins = tl.arange(0, 2048)
-    at_or_above = tl.sum(hist) - tl.cumsum(hist, axis=0) + hist                  # keys with digit >= bin
-    digit = tl.max(tl.where((at_or_above >= krem) & (hist > 0), bins, 0), axis=0)
-    above = tl.sum(tl.where(bins > digit, hist, 0), axis=0)
-    return digit.to(tl.uint32), krem - above
-
-
-@triton.jit
-def _radix_topk_kernel(val_ptr, src_idx_ptr, out_idx_ptr, out_val_ptr, T, row_len, seg_len, t0, m,
-                       stride_val, stride_out, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                       CAUSAL: tl.constexpr, SORT: tl.constexpr):
-    """Top K of row[lo:hi], lo = segment * seg_len. CAUSAL: the row holds query (row % T)'s scores and
-    hi stops at its visible count; output indices are positions in the row. Otherwise the row holds
-    candidates (-inf = empty) whose indices are src_idx. Writes K indices (-1 = none) and scores."""
+def _tile_topk_kernel(val_ptr, src_idx_ptr, out_idx_ptr, out_val_ptr, T, row_len, seg_len, t0, m,
+                      stride_in, stride_out, K: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr,
+                      CAUSAL: tl.constexpr, SORT: tl.constexpr):
+    """Top K of row[lo:hi], lo = segment * seg_len, hi <= lo + seg_len <= lo + TILE, held in registers.
+    CAUSAL: the row holds query (row % T)'s scores, hi stops at its visible count, and the output
+    indices are positions in the row. Otherwise the row holds candidate lists (-inf = empty slot) whose
+    indices are src_idx. Writes K indices (-1 = none) and scores, in index order, or by score when SORT."""
     row = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
-    row_ptr = val_ptr + row * stride_val
     lo = seg * seg_len
     hi = tl.minimum(lo + seg_len, row_len)
     if CAUSAL:
-        hi = tl.minimum(hi, (t0 + row % T + 1) // m)
-    bound = tl.minimum((hi + 15) // 16 * 16, row_len)
-    # three radix passes over 11, 11 and 10 bits find the k-th largest key. The first digit (sign,
-    # exponent, two mantissa bits) spreads typical scores over a few dozen bins, which keeps the
-    # histogram's shared-memory atomics from piling onto one address.
-    hist = _digit_histogram(row_ptr, lo, hi, bound, 0, 21, 11, True, BLOCK)
-    n_sel = tl.minimum(tl.sum(hist), K)                                           # entries to select
-    prefix, krem = _pick_digit(hist, n_sel)
-    hist = _digit_histogram(row_ptr, lo, hi, bound, prefix, 10, 11, False, BLOCK)
-    digit, krem = _pick_digit(hist, krem)
-    prefix = (prefix << 11) | digit
-    hist = _digit_histogram(row_ptr, lo, hi, bound, prefix, 0, 10, False, BLOCK)
-    digit, krem = _pick_digit(hist, krem)
-    prefix = (prefix << 10) | digit
-    # compaction: every key above the threshold, then the first krem keys equal to it
+        hi = tl.minimum(hi, (t0 + row % T + 1) // m).to(tl.int32)
+    offs = lo + tl.arange(0, TILE)
+    bound = tl.minimum((hi + 15) // 16 * 16, row_len)        # hi rounded up to 16: the mask allows vector loads
+    v = tl.load(val_ptr + row * stride_in + offs, mask=offs < bound, other=float("-inf"))   # [TILE]
+    ok = (offs < hi) & (v > float("-inf"))
+    key = tl.where(ok, _float_to_key(v), 0)                 # every valid key is > 0
+    n_ge = tl.sum(ok.to(tl.int32), axis=0)                  # keys >= thr
+    n_sel = tl.minimum(n_ge, K)
+    # the threshold thr: the largest key with n_ge >= n_sel keys at or above it, found 2 bits a pass
+    # from the top. A pass counts the keys >= thr + j 2^shift for j = 1, 2, 3 in one reduction (21-bit
+    # fields of an int64). Stop early once exactly n_sel keys are >= thr.
+    thr = tl.full([], 0, tl.uint32)
+    shift = 30
+    while (n_ge > n_sel) & (shift >= 0):
+        sh = shift.to(tl.uint32)
+        ge1 = (key >= (thr | (1 << sh))).to(tl.int64)
+        ge2 = (key >= (thr | (2 << sh))).to(tl.int64)
+        ge3 = (key >= (thr | (3 << sh))).to(tl.int64)
+        counts = tl.sum(ge1 + (ge2 << 21) + (ge3 << 42), axis=0)           # a tile holds < 2^21 keys
+        c1 = (counts & 0x1FFFFF).to(tl.int32)
+        c2 = ((counts >> 21) & 0x1FFFFF).to(tl.int32)
+        c3 = (counts >> 42).to(tl.int32)
+        step = (c1 >= n_sel).to(tl.int32) + (c2 >= n_sel).to(tl.int32) + (c3 >= n_sel).to(tl.int32)
+        n_ge = tl.where(step == 3, c3, tl.where(step == 2, c2, tl.where(step == 1, c1, n_ge)))
+        thr = thr | (step.to(tl.uint32) << sh)
+        shift -= 2
+    # compaction in index order: the keys above thr and the first krem ties at it
+    above = key > thr
+    tie = ok & (key == thr)
+    krem = n_sel - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= krem))
+    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    if CAUSAL:
+        idx = offs
+    else:
+        idx = tl.load(src_idx_ptr + row * stride_in + offs, mask=take, other=-1)
     out_idx = out_idx_ptr + row * stride_out + seg * K
     out_val = out_val_ptr + row * stride_out + seg * K
-    n_above = n_sel - krem
-    seen_above = 0
-    seen_equal = 0
-    for start in range(lo, hi, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        v, key, ok = _load_entries(row_ptr, offs, hi, bound)
-        above = ok & (key > prefix)
-        equal = ok & (key == prefix)
-        rank_above = seen_above + tl.cumsum(above.to(tl.int32), axis=0)          # 1-based
-        rank_equal = seen_equal + tl.cumsum(equal.to(tl.int32), axis=0)
-        take = above | (equal & (rank_equal <= krem))
-        pos = tl.where(above, rank_above - 1, n_above + rank_equal - 1)
-        if CAUSAL:
-            idx = offs
-        else:
-            idx = tl.load(src_idx_ptr + row * stride_val + offs, mask=take, other=-1)
-        tl.store(out_idx + pos, idx, mask=take)
-        tl.store(out_val + pos, v, mask=take)
-        seen_above += tl.sum(above.to(tl.int32), axis=0)
-        seen_equal += tl.sum(equal.to(tl.int32), axis=0)
+    tl.store(out_idx + pos, idx, mask=take)
+    tl.store(out_val + pos, v, mask=take)
     j = tl.arange(0, K_PAD)
     pad = (j >= n_sel) & (j < K)
     tl.store(out_idx + j, tl.full([K_PAD], -1, tl.int32), mask=pad)
     tl.store(out_val + j, tl.full([K_PAD], float("-inf"), tl.float32), mask=pad)
     if SORT:
-        # order by score descending, ties by index: sort (key << 32 | ~index) as uint64
+        # order by score descending, ties by index: sort (key << 32 | ~index) as uint64. The barriers
+        # separate the threads' stores above from the loads here, and these loads from the stores.
         tl.debug_barrier()
         idx = tl.load(out_idx + j, mask=j < n_sel, other=0)
         key = _float_to_key(tl.load(out_val + j, mask=j < n_sel, other=0.0))
@@ -289,30 +272,32 @@ def _radix_topk_kernel(val_ptr, src_idx_ptr, out_idx_ptr, out_val_ptr, T, row_le
 
 
 def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
-    """Top-k of each query's visible scores: scores [B, T, S] fp32 -> (idx int32, value fp32) [B, T, topk]."""
+    """Top-k of each query's visible scores: scores [B, T, S] fp32 -> (idx int32, value fp32) [B, T, topk].
+
+    A row longer than a tile is cut into tiles, each of which keeps its top-k in index order; the next
+    launch merges groups of those lists, tile by tile, until one list is left, which is sorted. Each
+    program's output depends only on its inputs, so the result is deterministic (ties: earlier entry)."""
     B, T, S = scores.shape
     rows = B * T
-    flat = scores.view(rows, S)
     K_PAD = max(2, triton.next_power_of_2(topk))
-    few = rows < _FEW_ROWS             # decode: long rows cut into segments, a big tile per program
-    block, warps = (64, 4) if _INTERPRET else ((4096, 16) if few else (1024, 4))   # 8 entries a thread
-    seg_len = triton.cdiv(max(2 * block, 4 * K_PAD), block) * block
-    n_seg = triton.cdiv(S, seg_len) if few else 1
+    tile_max = max(_TOPK_TILE, 2 * K_PAD)                   # a merge takes >= 2 lists
     idx = torch.empty(rows, topk, dtype=torch.int32, device=scores.device)
     val = torch.empty(rows, topk, dtype=torch.float32, device=scores.device)
-    meta = dict(K=topk, K_PAD=K_PAD, BLOCK=block, num_warps=warps)
-    if n_seg <= 1:
-        _radix_topk_kernel[(rows, 1)](flat, flat, idx, val, T, S, max(S, 1), t0, m, S, topk,
-                                      CAUSAL=True, SORT=True, **meta)
-    else:                       # each segment's top-k, then the top-k of those candidates
-        n_cand = n_seg * topk
-        cand_idx = torch.empty(rows, n_cand, dtype=torch.int32, device=scores.device)
-        cand_val = torch.empty(rows, n_cand, dtype=torch.float32, device=scores.device)
-        _radix_topk_kernel[(rows, n_seg)](flat, flat, cand_idx, cand_val, T, S, seg_len, t0, m, S, n_cand,
-                                          CAUSAL=True, SORT=False, **meta)
-        _radix_topk_kernel[(rows, 1)](cand_val, cand_idx, idx, val, T, n_cand, n_cand, 0, 1, n_cand, topk,
-                                      CAUSAL=False, SORT=True, **meta)
-    return idx.view(B, T, topk), val.view(B, T, topk)
+    src_val, src_idx, row_len, seg_len, causal = scores.view(rows, S), scores, S, tile_max, True
+    while True:
+        n_prog = max(1, triton.cdiv(row_len, seg_len))
+        last = n_prog == 1
+        out_idx = idx if last else torch.empty(rows, n_prog * topk, dtype=torch.int32, device=scores.device)
+        out_val = val if last else torch.empty(rows, n_prog * topk, dtype=torch.float32, device=scores.device)
+        tile = max(64, triton.next_power_of_2(min(seg_len, row_len)))
+        _tile_topk_kernel[(rows, n_prog)](src_val, src_idx, out_idx, out_val, T, row_len, seg_len, t0, m,
+                                          src_val.stride(0), out_idx.stride(0), K=topk, K_PAD=K_PAD,
+                                          TILE=tile, CAUSAL=causal, SORT=last,
+                                          num_warps=min(16, max(1, tile // 256)))
+        if last:
+            return idx.view(B, T, topk), val.view(B, T, topk)
+        src_val, src_idx, row_len, causal = out_val, out_idx, n_prog * topk, False
+        seg_len = (tile_max // topk) * topk                 # whole lists per merge tile
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -320,15 +305,15 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale):
+def _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
     """One online-softmax step (log2 units) of HB heads over BN gathered K == V rows kvb [BN, C]."""
-    logits = tl.dot(qb, tl.trans(kvb)) * qk_scale                                 # [HB, BN]
+    logits = tl.dot(qb, tl.trans(kvb), input_precision=DOT_PRECISION) * qk_scale  # [HB, BN]
     logits = tl.where(ok[None, :], logits, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(logits, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(logits - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(kvb.dtype), kvb)                     # [HB, C]
+    acc = acc * alpha[:, None] + tl.dot(p.to(kvb.dtype), kvb, input_precision=DOT_PRECISION)   # [HB, C]
     return m_new, l_i, acc
 
 
@@ -338,7 +323,8 @@ def _sparse_attention_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, l
                              sq_b, sq_t, sq_h, sq_c, skv_b, skv_t, skv_c, se_b, se_s, se_c,
                              si_b, si_t, si_k, so_b, so_t, so_h, so_c,
                              N_H: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr, TOPK: tl.constexpr,
-                             WINDOW: tl.constexpr, HB: tl.constexpr, BN: tl.constexpr):
+                             WINDOW: tl.constexpr, HB: tl.constexpr, BN: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * HB + tl.arange(0, HB)
     b = tl.program_id(2).to(tl.int64)
@@ -357,14 +343,14 @@ def _sparse_attention_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, l
         rows = tl.where(ok, sel, 0).to(tl.int64)
         kvb = tl.load(ent_ptr + b * se_b + rows[:, None] * se_s + c[None, :] * se_c,
                       mask=ok[:, None] & c_ok[None, :], other=0.0)                # [BN, C_PAD]
-        m_i, l_i, acc = _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     first_row = t + L - T - WINDOW + 1                  # kv row of position t0 + t - WINDOW + 1
     for w0 in range(0, WINDOW, BN):                     # the window
         r = first_row + w0 + j
         ok = (r >= 0) & (w0 + j < WINDOW)
         kvb = tl.load(kv_ptr + b * skv_b + tl.where(ok, r, 0)[:, None] * skv_t + c[None, :] * skv_c,
                       mask=ok[:, None] & c_ok[None, :], other=0.0)
-        m_i, l_i, acc = _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     o = acc / l_i[:, None]
     tl.store(o_ptr + b * so_b + t * so_t + h[:, None] * so_h + c[None, :] * so_c,
              o.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
@@ -395,7 +381,7 @@ def _sparse_attention_triton(q, kv, entries, entry_idx, attn_sink, t0: int, wind
     args = (q, kv, entries, entry_idx, attn_sink, o, lse, T, kv.shape[1], entries.shape[1], t0,
             scale * _LOG2E, *q.stride(), *kv.stride(), *entries.stride(), *entry_idx.stride(), *o.stride())
     meta = dict(N_H=n_h, C=c, C_PAD=max(16, triton.next_power_of_2(c)), TOPK=entry_idx.shape[-1],
-                WINDOW=window_size)
+                WINDOW=window_size, DOT_PRECISION=_dot_precision(q.dtype))
     if _INTERPRET:
         hb = min(64, max(16, triton.next_power_of_2(n_h)))
         _sparse_attention_kernel[(T, triton.cdiv(n_h, hb), B)](*args, **meta, HB=hb, BN=16)

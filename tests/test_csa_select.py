@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from kernels import csa_select
 from kernels.csa_select import (csa_topk, csa_topk_reference, indexer_scores, indexer_scores_reference,
                                 sparse_attention, sparse_attention_reference, visible_counts)
 
@@ -92,6 +93,31 @@ def test_decode_splits_rows_and_agrees_with_prefill():
         idx_t, val_t = csa_topk(q[:, t:t + T], w[:, t:t + T], k, m, t0 + t, topk, use_kernel=True)
         check_selection(q[:, t:t + T], w[:, t:t + T], k, m, t0 + t, topk, idx_t, val_t)
         torch.testing.assert_close(val_t, val[:, t:t + T], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["ties", "rising"])
+def test_decode_merge_tree_is_exact(pattern, monkeypatch):
+    """A decode row over 600 entries passes through several merge levels (64-entry tiles, on a GPU too).
+    'ties': 10 positive scores scattered among exact zeros, so 22 of the top 32 are zeros, which must be
+    the earliest ones; 'rising': scores grow with the index, so every pick sits in the last tiles."""
+    monkeypatch.setattr(csa_select, "_TOPK_TILE", 64)
+    B, S, topk = 2, 600, 32
+    q, w, k = indexer_inputs(B, 1, H=4, D=16, S=S, seed=9)
+    q, w, k = q.abs(), w.abs(), k.abs()
+    if pattern == "ties":
+        positive = torch.randperm(S, generator=torch.Generator().manual_seed(1))[:10].to(k.device)
+        sign = torch.full((S,), -1.0, device=k.device).index_fill(0, positive, 1.0)
+        k = k * sign[None, :, None]                                  # negative keys score exactly 0
+    else:
+        k = k[:, :1] * (1 + torch.arange(S, device=k.device) / S)[None, :, None]
+    idx, val = csa_topk(q, w, k, m=4, t0=4 * S, topk=topk, use_kernel=True)
+    want_idx, want_val = csa_topk_reference(q, w, k, 4, 4 * S, topk)
+    if pattern == "ties":
+        assert (want_val == 0).sum() == B * 22
+    else:
+        assert torch.equal(want_idx.sort(-1).values[0, 0], torch.arange(S - topk, S, dtype=torch.int32))
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(val, want_val, rtol=1e-5, atol=1e-6)
 
 
 def attention_inputs(B, T, n_h, c, S, topk, L, seed):
