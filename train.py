@@ -144,10 +144,16 @@ def load_checkpoint(path: str) -> dict:
 
 
 def model_from_checkpoint(state: dict, device="cpu") -> tuple[Transformer, object]:
+    """The model of a consolidated checkpoint on `device`, and its tokenizer. Built on the meta device
+    and materialised empty, so no time goes into a random initialisation that the weights overwrite."""
     cfg = ModelConfig.from_dict(state["config"])
-    model = Transformer(cfg)
-    model.load_state_dict(state["model"])
-    return model.to(device), tokenizer_from_state(state["tokenizer"])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    model.load_state_dict(state["model"])              # every persistent tensor, strictly
+    for moe in model.moe_layers():                     # the one non-persistent buffer: load counts
+        moe.load.zero_()
+    return model, tokenizer_from_state(state["tokenizer"])
 
 
 def save_training_state(folder: str, model, optimizer, meta: dict, rank: int) -> None:
