@@ -8,6 +8,8 @@
 #   bash bench/h200_session.sh 4    what the first lease left open: the whole small preset at long T, step
 #                                   profile and CUDA checks, CSA kernel tests + bench, a longer V4 run + sample
 #   bash bench/h200_session.sh 5    FSDP2 scaling again, each size alone (after the Muon partitioning)
+# Phases 2-5 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here (writes
+# .data/stdlib311.tgz), then call the device with carry=[".data"].
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
 set -u
 OUT=${OUT:-out/session}
