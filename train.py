@@ -362,29 +362,32 @@ def main(argv=None):
         print(f"wrote {plot(args.plot)}")
         return
     rank, world, local_rank = setup_distributed()
-    device = pick_device(args.device if args.device != "auto" or world == 1 else
-                         (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if world > 1 and args.device == "auto" and torch.cuda.is_available():
+        device = torch.device(f"cuda:{local_rank}")                  # one GPU per process
+    else:
+        device = pick_device(args.device)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     state_dir, ckpt_path = os.path.join(args.out_dir, "ckpt"), os.path.join(args.out_dir, "ckpt.pt")
     meta = None
     if args.resume:
-        state_dir = find_training_state(state_dir)
-        meta = torch.load(os.path.join(state_dir, "meta.pt"), weights_only=False)
+        resume_dir = find_training_state(state_dir)
+        meta = torch.load(os.path.join(resume_dir, "meta.pt"), weights_only=False)
         check_resume_compatible(meta["args"], args)
 
     # --- data and tokenizer (rank 0 first, so the other ranks find them cached) ---
     tokenizer = tokenizer_from_state(meta["tokenizer"]) if meta else args.tokenizer
     vocab = args.vocab_size or ModelConfig.from_preset(args.preset).vocab_size
-    for turn in ([0, 1] if world > 1 else [0]):
-        if (rank == 0) == (turn == 0):
-            try:
-                enc, train_tokens, val_tokens = prepare_data(
-                    args.data, vocab_size=vocab, cache_dir=args.cache_dir, tokenizer=tokenizer,
-                    tokenizer_sample_mb=args.tokenizer_sample_mb)
-            except (ValueError, FileNotFoundError) as e:
-                raise SystemExit(f"data: {e}")
+    if rank > 0:
+        barrier()                                   # wait for rank 0 to build the caches
+    try:
+        enc, train_tokens, val_tokens = prepare_data(args.data, vocab_size=vocab, cache_dir=args.cache_dir,
+                                                     tokenizer=tokenizer,
+                                                     tokenizer_sample_mb=args.tokenizer_sample_mb)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"data: {e}")
+    if rank == 0:
         barrier()
     say(f"data: {len(train_tokens):,} train / {len(val_tokens):,} validation tokens, vocabulary {enc.n_vocab}")
 
@@ -400,9 +403,9 @@ def main(argv=None):
     optimizer = build_optimizer(model, args.optimizer, lr=args.lr, weight_decay=args.weight_decay)
     start_step = 0
     if meta:
-        load_training_state(state_dir, model, optimizer, rank)
+        load_training_state(resume_dir, model, optimizer, rank)
         start_step = meta["step"]
-        say(f"resumed from {state_dir} at step {start_step}")
+        say(f"resumed from {resume_dir} at step {start_step}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=device.type == "cuda" and args.dtype == "bf16")
     step_model = torch.compile(model) if args.compile and device.type == "cuda" else model

@@ -101,3 +101,15 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, corpus):
     with pytest.raises(SystemExit, match="non-finite loss .* at step 4"):
         run(tmp_path, corpus, "--resume", "--lr", "1e30")
     assert ckpt.read_bytes() == saved
+
+
+def test_resume_after_a_crash_between_the_two_renames(tmp_path, corpus):
+    """A save swaps folders: ckpt -> ckpt.old, ckpt.tmp -> ckpt. A crash between the two leaves only
+    ckpt.old; --resume must take it, and the next save must go back to ckpt."""
+    full, _ = run(tmp_path / "a", corpus)
+    run(tmp_path / "b", corpus, "--stop-at", "3")
+    out = tmp_path / "b" / "out"
+    os.replace(out / "ckpt", out / "ckpt.old")
+    both, _ = run(tmp_path / "b", corpus, "--resume")
+    assert both == full
+    assert (out / "ckpt" / "meta.pt").exists() and not (out / "ckpt.old").exists()
