@@ -282,11 +282,11 @@ def plot(metrics_path: str) -> str:
     except ImportError:
         raise SystemExit("plotting needs matplotlib, an optional dependency: pip install matplotlib")
     rows = [json.loads(line) for line in open(metrics_path)]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    train = [(r["step"], r.get("ce", r["loss"])) for r in rows if "loss" in r]   # next-token CE, as val
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train", alpha=0.7)
+        ax.plot(*zip(*train), label="train (next-token CE)", alpha=0.7)
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("step")
