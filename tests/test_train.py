@@ -113,3 +113,9 @@ def test_resume_after_a_crash_between_the_two_renames(tmp_path, corpus):
     both, _ = run(tmp_path / "b", corpus, "--resume")
     assert both == full
     assert (out / "ckpt" / "meta.pt").exists() and not (out / "ckpt.old").exists()
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, corpus):
+    plain, _ = run(tmp_path / "a", corpus, steps=3)
+    recomputed, _ = run(tmp_path / "b", corpus, "--activation-checkpointing", steps=3)
+    assert max(abs(a - b) for a, b in zip(plain, recomputed)) < 1e-5, (plain, recomputed)
