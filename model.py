@@ -11,7 +11,17 @@ V4 claim is compared against:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from attention import Attention, RMSNorm
+from mhc import composite_gain, expand_streams, hc_head, hc_head_init, hc_init, hc_post, hc_pre
+from moe import Expert, MoE, out_proj_std
 
 
 @dataclass
@@ -175,19 +185,6 @@ PRESETS = {
 # ================================================================================================
 # The Transformer
 # ================================================================================================
-
-import math
-import re
-
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torch.utils.checkpoint
-
-from attention import Attention, RMSNorm
-from mhc import composite_gain, expand_streams, hc_head, hc_head_init, hc_init, hc_post, hc_pre
-from moe import Expert, MoE, out_proj_std
-
 
 FP8_LAYERS = re.compile(r"\.attn\.(wq_a|wq_b|wkv|wo_b)$|\.(shared_experts|ffn)\.w[123]$")
 

@@ -1,6 +1,5 @@
 """The assembled model: causality, decode == forward, overfitting, accounting, official layout."""
 
-import dataclasses
 
 import pytest
 import torch
