@@ -565,8 +565,8 @@ def main(argv=None):
     if args.command == "count":
         with torch.device("meta"):
             model = Transformer(ModelConfig.from_preset(args.preset))
-        print(f"{args.preset}: {model.num_params(mtp=False) / 1e9:.2f}B total without MTP "
-              f"({model.num_params() / 1e9:.2f}B with it)")
+        print(f"{args.preset}: {model.num_params(mtp=False) / 1e6:,.2f}M total without MTP "
+              f"({model.num_params() / 1e6:,.2f}M with it)")
         print(model.accounting(args.seq_len, args.context))
     else:
         export_official(args.ckpt, args.out_dir)

@@ -1,6 +1,5 @@
 """The assembled model: causality, decode == forward, overfitting, accounting, official layout."""
 
-
 import pytest
 import torch
 
