@@ -9,10 +9,12 @@ MoE bias update -> schedule. V4's learning-rate schedule: linear warm-up, consta
 decay over the last `--decay-frac` of training to `--min-lr-frac` of the peak. The MTP loss weight
 follows it: 0.3 until the decay starts, 0.1 after.
 
-Checkpoints are self-contained (weights, config, tokenizer, arguments, optimizer, RNG states, step)
-and written atomically: a temporary file renamed over the old one, so a crash while saving never
-damages the last good checkpoint. `--resume` continues from it exactly: batches are a pure function
-of (seed, step), so the data position is the step.
+Checkpoints are self-contained (weights, config, tokenizer, arguments, optimizer, RNG states, step):
+out_dir/ckpt/ is the resumable state (torch.distributed.checkpoint, any number of ranks) and
+out_dir/ckpt.pt the consolidated weights for sample.py; both are written beside the old ones and renamed
+over them, so a crash while saving never damages the last good checkpoint. `--resume` continues
+exactly: batches are a pure function of (seed, step, rank), so the data position is the step.
+Under torchrun the same loop runs with FSDP2 (see `shard_model`).
 """
 
 from __future__ import annotations
