@@ -467,7 +467,8 @@ def main(argv=None):
                 row["mfu"] = flops_per_token * tok_s / (H200_BF16_PEAK * world)
                 row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             if world == 1 and (step + 1) % (args.log_interval * 10) == 0:
-                row.update(model.diagnostics(x[:1].to(device)))
+                with autocast:    # as in training: the MoE's grouped GEMM wants bf16
+                    row.update(model.diagnostics(x[:1].to(device)))
             log.write(json.dumps(row) + "\n")
             log.flush()
             post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{tok_s:,.0f}"}

@@ -8,6 +8,7 @@
 #   bash bench/h200_session.sh 4    what the first lease left open: the whole small preset at long T, step
 #                                   profile and CUDA checks, CSA kernel tests + bench, a longer V4 run + sample
 #   bash bench/h200_session.sh 5    FSDP2 scaling again, each size alone (after the Muon partitioning)
+#   bash bench/h200_session.sh 6    long T, a 380-step V4 run + sample, CSA + FP8 benches, decode profile
 # Phases 2-5 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here (writes
 # .data/stdlib311.tgz), then call the device with carry=[".data"].
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
@@ -99,6 +100,29 @@ elif [ "$1" = 4 ]; then
   ( job 2 470 $PY train.py $SMALL --data /tmp/stdlib311 --eval-interval 100 --steps 400 --ckpt-interval 400 --out-dir out/small_v4
     job 2 100 $PY sample.py --ckpt out/small_v4/ckpt.pt --prompt "def parse_args(argv):" --max-new-tokens 200 --temperature 0.7
     cp out/small_v4/metrics.jsonl "$OUT/small_v4.jsonl" ) &
+  wait
+elif [ "$1" = 6 ]; then
+  # the second session's first lease: long T (#3), the longer V4 run (#7), the kernels (#9, #10), decode
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  LONG="--preset small --vocab-size 8192 --data /tmp/stdlib311 --batch-size 1 --steps 3 --log-interval 1 --eval-interval 1000 --ckpt-interval 1000"
+  ( for T in 8192 16384 32768 65536; do    # peak memory of the whole model: mem_gb in the rows
+      job 0 100 $PY train.py $LONG --seq-len $T --out-dir out/long$T
+      echo "T=$T $(grep -h mem_gb out/long$T/metrics.jsonl | tail -n 1)" >> "$OUT/long.log"
+    done
+    job 0 150 $PY train.py $LONG --seq-len 131072 --set max_seq_len=131072 --activation-checkpointing --out-dir out/long131k
+    echo "T=131072 AC $(grep -h mem_gb out/long131k/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
+  ( job 1 120 $PY -m pytest -q tests/test_csa_select.py tests/test_fp8_gemm.py
+    job 1 200 $PY bench/bench_csa_select.py
+    job 1 100 $PY bench/profile_decode.py --preset small --context 4096 --new-tokens 32 --rows 25
+    job 1 60 $PY bench/profile_decode.py --preset small --context 4096 --new-tokens 32 --kernels reference --rows 0 ) &
+  ( job 2 430 $PY train.py $SMALL --data /tmp/stdlib311 --eval-interval 100 --steps 380 --ckpt-interval 100 --out-dir out/small_v4
+    cp out/small_v4/metrics.jsonl "$OUT/small_v4.jsonl"
+    job 2 80 $PY sample.py --ckpt out/small_v4/ckpt.pt --prompt "def parse_args(argv):" --max-new-tokens 120 --temperature 0.7 ) &
+  ( job 3 200 $PY bench/bench_fp8_gemm.py
+    job 3 80 $PY bench/profile_step.py --preset small --rows 0
+    job 3 80 $PY bench/profile_step.py --preset small --set fp8=True --rows 0
+    job 3 100 $PY bench/gpu_check.py ) &
   wait
 elif [ "$1" = 5 ]; then
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311

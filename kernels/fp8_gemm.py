@@ -265,18 +265,32 @@ def _check_scale(name: str, s: torch.Tensor, shape: tuple, device: torch.device)
                          f"got {s.dtype} {tuple(s.shape)} on {s.device}")
 
 
+# Quantisation is one read and one write: the launch shape decides how many bytes are in flight. Rows per
+# program and warps are timed once per (M, K) on the GPU (weights: the tile stays one 128 x 128 block).
+_QUANT_CONFIGS = {
+    True: [triton.Config({"BLOCK_M": bm}, num_warps=nw) for bm in (16, 32, 64) for nw in (2, 4, 8)],
+    False: [triton.Config({"BLOCK_M": BLOCK}, num_warps=nw) for nw in (4, 8, 16)],
+} if HAS_TRITON else {}
+_quant_tuned = {per_row: triton.autotune(configs, key=["M", "K"])(_quant_kernel)
+                for per_row, configs in _QUANT_CONFIGS.items()}
+
+
 def _quant_triton(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = x.shape
     q = torch.empty(M, K, dtype=FP8_DTYPE, device=x.device)
     if per_row:   # column-major scales, strides (1, M)
-        block_m, scale = 32, torch.empty(_blocks(K), M, device=x.device).T
+        scale = torch.empty(_blocks(K), M, device=x.device).T
     else:
-        block_m, scale = BLOCK, torch.empty(_blocks(M), _blocks(K), device=x.device)
+        scale = torch.empty(_blocks(M), _blocks(K), device=x.device)
     if M > 0 and K > 0:
-        grid = (triton.cdiv(M, block_m), _blocks(K))
-        _quant_kernel[grid](x, q, scale, M, K, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1),
-                            BLOCK_M=block_m, BLOCK_K=BLOCK, PER_ROW=per_row, ROUND_ON_GRID=_interpreting(),
-                            num_warps=4 if per_row else 8)
+        args = (x, q, scale, M, K, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1))
+        if _interpreting():   # fixed small tiles on the CPU
+            block_m = 32 if per_row else BLOCK
+            _quant_kernel[(triton.cdiv(M, block_m), _blocks(K))](
+                *args, BLOCK_M=block_m, BLOCK_K=BLOCK, PER_ROW=per_row, ROUND_ON_GRID=True)
+        else:
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), _blocks(K))
+            _quant_tuned[per_row][grid](*args, BLOCK_K=BLOCK, PER_ROW=per_row, ROUND_ON_GRID=False)
     return q, scale
 
 
