@@ -48,6 +48,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class RMSNorm(nn.Module):
@@ -195,14 +196,36 @@ def gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return src.reshape(B * N, c).index_select(0, rows.flatten()).view(*idx.shape, c)
 
 
-def indexer_scores(index_q, index_w, index_keys, idx=None):
-    """I[t, s] = sum_h w[t, h] * relu(qI[t, h] . KI[s]) in fp32: over all keys [B, T, N], or over the
-    selected keys idx [B, T, K] -> [B, T, K]."""
+SCORE_CHUNK_ELEMS = 2 ** 26   # elements of one query chunk's [B, chunk, K, H_I] products (256 MiB in fp32)
+
+
+def _indexer_scores(index_q, index_w, index_keys, idx):
     if idx is None:
         dots = torch.einsum("bthc,bnc->btnh", index_q, index_keys)          # [B, T, N, H_I]
     else:
         dots = torch.einsum("bthc,btkc->btkh", index_q, gather_rows(index_keys, idx))
     return (dots.float().relu() * index_w.float()[:, :, None, :]).sum(-1)
+
+
+def indexer_scores(index_q, index_w, index_keys, idx=None):
+    """I[t, s] = sum_h w[t, h] * relu(qI[t, h] . KI[s]) in fp32: over all keys [B, T, N], or over the
+    selected keys idx [B, T, K] -> [B, T, K].
+
+    The products behind each score are H_I times bigger than the scores ([B, T, K, H_I]: 8 GiB at
+    T = 65536 with 64 heads and k = 512), so long sequences go in query chunks, and under autograd each
+    chunk is checkpointed: the backward keeps only the scores and recomputes a chunk's products."""
+    B, T, n_heads = index_w.shape
+    width = index_keys.shape[1] if idx is None else idx.shape[-1]
+    chunk = max(1, SCORE_CHUNK_ELEMS // max(1, B * width * n_heads))
+    if chunk >= T:
+        return _indexer_scores(index_q, index_w, index_keys, idx)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (index_q, index_w, index_keys))
+    parts = []
+    for s in range(0, T, chunk):
+        args = (index_q[:, s:s + chunk], index_w[:, s:s + chunk], index_keys,
+                None if idx is None else idx[:, s:s + chunk])
+        parts.append(checkpoint(_indexer_scores, *args, use_reentrant=False) if grad else _indexer_scores(*args))
+    return torch.cat(parts, dim=1)
 
 
 def visible_entries(positions: torch.Tensor, n_entries: int, ratio: int) -> torch.Tensor:

@@ -104,7 +104,18 @@ def decode_case(B, S):
     scores = torch.empty(B, 1, S, device="cuda")
     us_scores = 1e3 * do_bench_cudagraph(lambda: cs._scores_triton(q, w, k, M, t0, scores), rep=50)
     us_topk = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)
-    print(f"decode B={B}: scores kernel {us_scores:.1f} us + top-k kernels {us_topk:.1f} us")
+    print(f"decode B={B}: scores kernel {us_scores:.1f} us + top-k kernels {us_topk:.1f} us "
+          f"(tile {cs._TOPK_TILE_FEW_ROWS})")
+    default = cs._TOPK_TILE_FEW_ROWS
+    for tile in (4096, 8192, 16384, 32768):        # the top-k tile for few rows: fewer merge levels vs
+        cs._TOPK_TILE_FEW_ROWS = tile              # more work per program
+        try:
+            us = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)
+            same = torch.equal(cs._topk_triton(scores, t0, M, TOPK)[0], cs._topk_triton(scores, t0, M, TOPK)[0])
+            print(f"  top-k tile {tile:6d}: {us:.1f} us (deterministic: {same})")
+        except Exception as e:  # noqa: BLE001 -- a tile too big for this GPU's registers
+            print(f"  top-k tile {tile:6d}: failed ({type(e).__name__}: {str(e)[:100]})")
+    cs._TOPK_TILE_FEW_ROWS = default
     ROWS.append((f"decode select B={B} S={S // 1024}K", f"{us_kernel:.1f} us", f"{us_base:.1f} us",
                  us_base / us_kernel, "< 40 us", us_kernel < 40))
 

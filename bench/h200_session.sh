@@ -9,6 +9,8 @@
 #                                   profile and CUDA checks, CSA kernel tests + bench, a longer V4 run + sample
 #   bash bench/h200_session.sh 5    FSDP2 scaling again, each size alone (after the Muon partitioning)
 #   bash bench/h200_session.sh 6    long T, a 380-step V4 run + sample, CSA + FP8 benches, decode profile
+#   bash bench/h200_session.sh 7    FSDP2 on 1 and 2 GPUs (20 steps), then 180 steps on 4 GPUs + sample
+#   bash bench/h200_session.sh 8    long T with activation checkpointing, CSA bench, CUDA kernel tests
 # Phases 2-5 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here (writes
 # .data/stdlib311.tgz), then call the device with carry=[".data"].
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
@@ -123,6 +125,33 @@ elif [ "$1" = 6 ]; then
     job 3 80 $PY bench/profile_step.py --preset small --rows 0
     job 3 80 $PY bench/profile_step.py --preset small --set fp8=True --rows 0
     job 3 100 $PY bench/gpu_check.py ) &
+  wait
+elif [ "$1" = 7 ]; then
+  # FSDP2 scaling: 1 and 2 GPUs for 20 steps each alone, then 4 GPUs training longer (its tok/s is the
+  # 4-GPU figure), then a sample from that run
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  fsdp 1 0; fsdp 2 0,1
+  echo "### FSDP on 4 GPUs, 180 steps" >> "$OUT/fsdp.log"
+  CUDA_VISIBLE_DEVICES=0,1,2,3 timeout 320 torchrun --standalone --nproc_per_node 4 --master_port 29404 \
+      train.py $SMALL --data /tmp/stdlib311 --steps 180 --eval-interval 60 --ckpt-interval 60 \
+      --out-dir out/fsdp4 >> "$OUT/fsdp.log" 2>&1
+  echo "### exit $?" >> "$OUT/fsdp.log"
+  cp out/fsdp4/metrics.jsonl "$OUT/fsdp4.jsonl"
+  job 0 50 $PY sample.py --ckpt out/fsdp4/ckpt.pt --prompt "def parse_args(argv):" --max-new-tokens 120 --temperature 0.7
+elif [ "$1" = 8 ]; then
+  # long T with activation checkpointing (#3), CSA kernels again (#10), the CUDA test files
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  LONG="--preset small --vocab-size 8192 --data /tmp/stdlib311 --batch-size 1 --steps 3 --log-interval 1 --eval-interval 1000 --ckpt-interval 1000"
+  ( job 0 150 $PY train.py $LONG --seq-len 65536 --out-dir out/long65k
+    echo "T=65536 $(grep -h mem_gb out/long65k/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
+  ( job 1 150 $PY train.py $LONG --seq-len 65536 --activation-checkpointing --out-dir out/long65kac
+    echo "T=65536 AC $(grep -h mem_gb out/long65kac/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
+  ( job 2 200 $PY train.py $LONG --seq-len 131072 --set max_seq_len=131072 --activation-checkpointing --out-dir out/long131k
+    echo "T=131072 AC $(grep -h mem_gb out/long131k/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
+  ( job 3 100 $PY bench/bench_csa_select.py
+    job 3 120 $PY -m pytest -q tests/test_csa_select.py tests/test_fp8_gemm.py ) &
   wait
 elif [ "$1" = 5 ]; then
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311

@@ -50,7 +50,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 _SCORE_BUFFER_ELEMS = 2 ** 28     # fp32 scores kept at once (1 GiB); longer prefills go in query chunks
 _FEW_ROWS = 128                   # fewer query rows than this: the score kernel takes shorter entry chunks
-_TOPK_TILE = 64 if _INTERPRET else 4096   # scores one top-k program holds (tiny in the CPU tests: many tiles)
+# scores one top-k program holds (tiny in the CPU tests: many tiles). Many rows (prefill) fill the GPU
+# with one program per row tile; a few long rows (decode) want fewer merge levels, so bigger tiles.
+_TOPK_TILE = 64 if _INTERPRET else 4096
+_TOPK_TILE_FEW_ROWS = 64 if _INTERPRET else 16384
 
 
 def _dot_precision(dtype: torch.dtype):
@@ -280,7 +283,7 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
     B, T, S = scores.shape
     rows = B * T
     K_PAD = max(2, triton.next_power_of_2(topk))
-    tile_max = max(_TOPK_TILE, 2 * K_PAD)                   # a merge takes >= 2 lists
+    tile_max = max(_TOPK_TILE if rows >= _FEW_ROWS else _TOPK_TILE_FEW_ROWS, 2 * K_PAD)   # a merge takes >= 2 lists
     idx = torch.empty(rows, topk, dtype=torch.int32, device=scores.device)
     val = torch.empty(rows, topk, dtype=torch.float32, device=scores.device)
     src_val, src_idx, row_len, seg_len, causal = scores.view(rows, S), scores, S, tile_max, True
@@ -365,7 +368,8 @@ def _prune_head_groups(configs, named_args, **kwargs):
 
 _ATTENTION_CONFIGS = [triton.Config({"HB": hb, "BN": bn}, num_warps=nw, num_stages=ns)
                       for hb, bn, nw, ns in [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 4, 2),
-                                             (16, 64, 4, 2)]]
+                                             (16, 64, 4, 2), (64, 64, 8, 3), (64, 64, 4, 2), (64, 128, 8, 1),
+                                             (64, 32, 4, 3), (64, 64, 8, 1)]]
 _sparse_attention_tuned = triton.autotune(_ATTENTION_CONFIGS, key=["T", "N_H", "C", "TOPK", "WINDOW"],
                                           prune_configs_by={"early_config_prune": _prune_head_groups}
                                           )(_sparse_attention_kernel)

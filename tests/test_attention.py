@@ -129,6 +129,25 @@ def test_csa_select_picks_visible_top_k_and_pads():
                 assert scores[b, t, chosen].min() >= scores[b, t, rest].max()
 
 
+@pytest.mark.parametrize("selected", [False, True])
+def test_indexer_scores_in_checkpointed_chunks_equal_one_pass(selected, monkeypatch):
+    """Long sequences score in query chunks, each checkpointed: same scores and same gradients."""
+    import attention
+    torch.manual_seed(3)
+    B, L, H, c, N, k = 2, 37, 3, 8, 9, 4
+    q, w, keys = torch.randn(B, L, H, c), torch.randn(B, L, H), torch.randn(B, N, c)
+    idx = torch.randint(-1, N, (B, L, k)) if selected else None
+    grads = []
+    for elems in (2 ** 26, B * (k if selected else N) * H * 5):    # one pass; chunks of 5 queries
+        monkeypatch.setattr(attention, "SCORE_CHUNK_ELEMS", elems)
+        leaves = [t.clone().requires_grad_() for t in (q, w, keys)]
+        scores = indexer_scores(*leaves, idx=idx)
+        (scores * torch.linspace(-1, 1, scores.numel()).view_as(scores)).sum().backward()
+        grads.append([scores.detach()] + [t.grad for t in leaves])
+    for one, chunked in zip(*grads):
+        torch.testing.assert_close(chunked, one, rtol=1e-5, atol=1e-6)
+
+
 def test_csa_select_breaks_ties_towards_earlier_entries():
     q, keys = torch.randn(1, 30, 2, 8), torch.randn(1, 7, 8)
     idx = csa_select(q, torch.zeros(1, 30, 2), keys, torch.arange(30), 4, 3)    # every score is 0

@@ -77,7 +77,7 @@ def test_topk_ties_go_to_the_earlier_entry():
     idx, val = csa_topk(q, w, k, m=1, t0=100, topk=32, use_kernel=True)
     want_idx, want_val = csa_topk_reference(q, w, k, 1, 100, 32)
     assert (want_val == 0).sum() == 3 * 12 and torch.equal(want_idx[..., 20:].sort(-1).values,
-                                                       torch.arange(12, dtype=torch.int32).expand(1, 3, 12))
+                                                       torch.arange(12, dtype=torch.int32, device=k.device).expand(1, 3, 12))
     assert torch.equal(idx, want_idx)
 
 
@@ -101,6 +101,7 @@ def test_decode_merge_tree_is_exact(pattern, monkeypatch):
     'ties': 10 positive scores scattered among exact zeros, so 22 of the top 32 are zeros, which must be
     the earliest ones; 'rising': scores grow with the index, so every pick sits in the last tiles."""
     monkeypatch.setattr(csa_select, "_TOPK_TILE", 64)
+    monkeypatch.setattr(csa_select, "_TOPK_TILE_FEW_ROWS", 64)
     B, S, topk = 2, 600, 32
     q, w, k = indexer_inputs(B, 1, H=4, D=16, S=S, seed=9)
     q, w, k = q.abs(), w.abs(), k.abs()
@@ -115,7 +116,7 @@ def test_decode_merge_tree_is_exact(pattern, monkeypatch):
     if pattern == "ties":
         assert (want_val == 0).sum() == B * 22
     else:
-        assert torch.equal(want_idx.sort(-1).values[0, 0], torch.arange(S - topk, S, dtype=torch.int32))
+        assert torch.equal(want_idx.sort(-1).values[0, 0], torch.arange(S - topk, S, dtype=torch.int32, device=k.device))
     assert torch.equal(idx, want_idx)
     torch.testing.assert_close(val, want_val, rtol=1e-5, atol=1e-6)
 
