@@ -282,6 +282,9 @@ def sink_softmax(logits: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits.float(), sink], dim=-1).softmax(dim=-1)[..., :-1]
 
 
+ATTENTION_CHUNK = 8192   # queries per checkpointed chunk when training on longer sequences
+
+
 def sparse_attention(q, kv, window: int, entries, entry_idx, ratio: int, pos0: int, attn_sink, softmax_scale):
     """o [B, T, H, c] and the probabilities on the compressed entries [B, T, H, K or N].
 
@@ -289,8 +292,23 @@ def sparse_attention(q, kv, window: int, entries, entry_idx, ratio: int, pos0: i
     kv [B, P + T, c]: the window's K == V rows at positions pos0-P .. pos0+T-1 (P <= window-1 earlier rows).
     entries [B, N, c] or None (window only); entry_idx [B, T, K] with -1 padding (CSA top-k), or None for
     every visible entry. The window is banded: queries in blocks of Q, each against its Q+window-1 rows.
+
+    Under autograd, sequences longer than ATTENTION_CHUNK go in checkpointed query chunks (each with its
+    window's earlier rows): the backward then keeps o and the probabilities, not the gathered entries
+    ([B, T, K, c]: 8 GiB in fp32 at T = 65536, k = 256, c = 128) or the logits.
     """
     B, T, H, c = q.shape
+    tensors = (q, kv, entries, attn_sink)
+    if T > ATTENTION_CHUNK and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        P = kv.shape[1] - T
+        outs = []
+        for s in range(0, T, ATTENTION_CHUNK):
+            e = min(T, s + ATTENTION_CHUNK)
+            first = max(0, P + s - (window - 1))                  # the chunk's earlier window rows, then its own
+            idx = None if entry_idx is None else entry_idx[:, s:e]
+            outs.append(checkpoint(sparse_attention, q[:, s:e], kv[:, first:P + e], window, entries, idx, ratio,
+                                   pos0 + s, attn_sink, softmax_scale, use_reentrant=False))
+        return torch.cat([o for o, _ in outs], dim=1), torch.cat([p for _, p in outs], dim=1)
     P = kv.shape[1] - T
     Q = min(window, T)
     nb = -(-T // Q)

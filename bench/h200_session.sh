@@ -11,6 +11,7 @@
 #   bash bench/h200_session.sh 6    long T, a 380-step V4 run + sample, CSA + FP8 benches, decode profile
 #   bash bench/h200_session.sh 7    FSDP2 on 1 and 2 GPUs (20 steps), then 180 steps on 4 GPUs + sample
 #   bash bench/h200_session.sh 8    long T with activation checkpointing, CSA bench, CUDA kernel tests
+#   bash bench/h200_session.sh 9    long T after the checkpointed query chunks; CUDA checks; step time
 # Phases 2-5 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here (writes
 # .data/stdlib311.tgz), then call the device with carry=[".data"].
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
@@ -152,6 +153,22 @@ elif [ "$1" = 8 ]; then
     echo "T=131072 AC $(grep -h mem_gb out/long131k/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
   ( job 3 100 $PY bench/bench_csa_select.py
     job 3 120 $PY -m pytest -q tests/test_csa_select.py tests/test_fp8_gemm.py ) &
+  wait
+elif [ "$1" = 9 ]; then
+  # long T after the checkpointed query chunks (attention core and indexer scores), with and without
+  # activation checkpointing; CUDA checks and the step time at T=2048 (unchanged path) beside it
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  LONG="--preset small --vocab-size 8192 --data /tmp/stdlib311 --batch-size 1 --steps 3 --log-interval 1 --eval-interval 1000 --ckpt-interval 1000"
+  ( job 0 200 $PY train.py $LONG --seq-len 65536 --out-dir out/long65k
+    echo "T=65536 $(grep -h mem_gb out/long65k/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
+  ( job 1 200 $PY train.py $LONG --seq-len 65536 --activation-checkpointing --out-dir out/long65kac
+    echo "T=65536 AC $(grep -h mem_gb out/long65kac/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
+  ( job 2 260 $PY train.py $LONG --seq-len 131072 --set max_seq_len=131072 --activation-checkpointing --out-dir out/long131k
+    echo "T=131072 AC $(grep -h mem_gb out/long131k/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
+  ( job 3 100 $PY bench/gpu_check.py
+    job 3 80 $PY bench/profile_step.py --preset small --rows 0
+    job 3 120 $PY bench/profile_step.py --preset small --seq-len 16384 --batch-size 1 --rows 0 ) &
   wait
 elif [ "$1" = 5 ]; then
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311

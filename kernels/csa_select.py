@@ -50,10 +50,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 _SCORE_BUFFER_ELEMS = 2 ** 28     # fp32 scores kept at once (1 GiB); longer prefills go in query chunks
 _FEW_ROWS = 128                   # fewer query rows than this: the score kernel takes shorter entry chunks
-# scores one top-k program holds (tiny in the CPU tests: many tiles). Many rows (prefill) fill the GPU
-# with one program per row tile; a few long rows (decode) want fewer merge levels, so bigger tiles.
+# scores one top-k program holds (tiny in the CPU tests: many tiles). For a few long rows (decode) a
+# bigger tile means fewer merge levels but more serial work per program; on an H200 4096 was the fastest
+# for one row of 262144 (37.7 us, against 47.1 / 54.8 / 82.8 us for 8192 / 16384 / 32768:
+# bench/bench_csa_select.py sweeps it), so both default to 4096.
 _TOPK_TILE = 64 if _INTERPRET else 4096
-_TOPK_TILE_FEW_ROWS = 64 if _INTERPRET else 16384
+_TOPK_TILE_FEW_ROWS = 64 if _INTERPRET else 4096
 
 
 def _dot_precision(dtype: torch.dtype):

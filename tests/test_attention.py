@@ -195,6 +195,31 @@ def test_sparse_attention_matches_loop(mode, pos0, P):
         assert p_entries.shape[:3] == (B, L, H) and (p_entries >= 0).all()
 
 
+@pytest.mark.parametrize("mode", ["window", "dense", "topk"])
+def test_sparse_attention_in_checkpointed_chunks_equals_one_pass(mode, monkeypatch):
+    """Training on long sequences runs the core in query chunks of ATTENTION_CHUNK (7 here, not a
+    multiple of the window of 8): same outputs, probabilities and gradients as one pass."""
+    import attention
+    torch.manual_seed(4)
+    B, L, H, c, window, m, pos0, P = 2, 30, 3, 8, 8, 4, 37, 7
+    q, kv, sink = torch.randn(B, L, H, c), torch.randn(B, P + L, c), torch.randn(H)
+    N = (pos0 + L) // m
+    entries = None if mode == "window" else torch.randn(B, N, c)
+    idx = None
+    if mode == "topk":
+        idx = csa_select(torch.randn(B, L, 2, 4), torch.randn(B, L, 2), torch.randn(B, N, 4),
+                         pos0 + torch.arange(L), m, 5)
+    results = []
+    for chunk in (10 ** 9, 7):
+        monkeypatch.setattr(attention, "ATTENTION_CHUNK", chunk)
+        leaves = [None if t is None else t.clone().requires_grad_() for t in (q, kv, entries, sink)]
+        o, p = sparse_attention(leaves[0], leaves[1], window, leaves[2], idx, m, pos0, leaves[3], c ** -0.5)
+        (o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum().backward()
+        results.append([o.detach(), p.detach()] + [t.grad for t in leaves if t is not None])
+    for one, chunked in zip(*results):
+        torch.testing.assert_close(chunked, one, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------- causality, influence
 
 def influence(layer, x):
