@@ -190,15 +190,20 @@ FP8_LAYERS = re.compile(r"\.attn\.(wq_a|wq_b|wkv|wo_b)$|\.(shared_experts|ffn)\.
 
 
 def use_fp8(model: nn.Module, cfg: ModelConfig) -> list[str]:
-    """--fp8: the attention projections (wq_a, wq_b, wkv, wo_b) and the shared / dense expert
-    projections run through the block-scaled FP8 GEMM (kernels/fp8_gemm.py, Triton on CUDA). The
-    embedding, head, norms, mHC, the gate and the compressor / indexer projections (fp32 in V4) stay
-    in higher precision. Not converted, said plainly: wo_a (applied group by group through its weight)
-    and the routed experts (one grouped bf16 GEMM over the stacked weights; FP8 grouped GEMM is not
-    written here)."""
+    """--fp8: the attention projections (wq_a, wq_b, wkv, wo_b), the shared / dense expert projections
+    and the routed experts (through the grouped form: `moe.expert_dispatch(impl="fp8")`) run through
+    the block-scaled FP8 GEMM (kernels/fp8_gemm.py, Triton on CUDA). The embedding, head, norms, mHC,
+    the gate and the compressor / indexer projections (fp32 in V4) stay in higher precision. Not
+    converted, said plainly: wo_a (applied group by group through its weight). Returns what runs in FP8."""
     from kernels.fp8_gemm import convert_to_fp8
-    return convert_to_fp8(model, include=lambda name, _: FP8_LAYERS.search(name) is not None,
-                          impl="reference" if cfg.kernels == "reference" else "auto")
+    reference = cfg.kernels == "reference"
+    names = convert_to_fp8(model, include=lambda name, _: FP8_LAYERS.search(name) is not None,
+                           impl="reference" if reference else "auto")
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            module.dispatch = "fp8-reference" if reference else "fp8"
+            names += [f"{name}.w{i}" for i in (1, 2, 3)]
+    return names
 
 
 class Block(nn.Module):

@@ -216,6 +216,25 @@ def _grouped_experts(xs, e_sorted, counts, w1, w2, w3, limit):
     return out.index_select(0, dest)                                               # [n, dim]
 
 
+def _fp8_grouped_experts(xs, e_sorted, counts, w1, w2, w3, limit, impl):
+    """As _grouped_experts, through the block-scaled FP8 grouped GEMM (kernels/fp8_gemm.py, `--fp8`).
+    Each expert's rows are padded to a multiple of 128, the activation scales' block edge, so every
+    block of 128 rows belongs to one expert, block_group[r]; the padded length is again bounded without
+    reading the counts, n + E * 127 rounded up to 128, and the slack goes to the last expert."""
+    from kernels.fp8_gemm import BLOCK, fp8_grouped_linear
+    n, n_exp = xs.shape[0], counts.shape[0]
+    padded = (counts + BLOCK - 1) // BLOCK * BLOCK                                   # [E]
+    rank = torch.arange(n, device=xs.device) - (counts.cumsum(0) - counts)[e_sorted]
+    dest = (padded.cumsum(0) - padded)[e_sorted] + rank                             # [n]
+    rows = -(-(n + n_exp * (BLOCK - 1)) // BLOCK) * BLOCK
+    starts = torch.arange(0, rows, BLOCK, device=xs.device)                         # [rows / 128]
+    block_group = torch.searchsorted(padded.cumsum(0), starts, right=True).clamp(max=n_exp - 1).int()
+    xp = xs.new_zeros(rows, xs.shape[1]).index_copy(0, dest, xs)                     # [rows, dim]
+    h = clamped_glu(fp8_grouped_linear(xp, w1, block_group, impl), fp8_grouped_linear(xp, w3, block_group, impl),
+                    limit)                                                           # [rows, inter]
+    return fp8_grouped_linear(h, w2, block_group, impl).index_select(0, dest)       # [n, dim]
+
+
 _warned = set()
 
 
@@ -235,7 +254,8 @@ def expert_dispatch(x, weights, indices, w1, w2, w3, limit, impl: str = "auto"):
     dim], w2 [E, dim, inter], w3 [E, inter, dim] -> [N, dim] in x's dtype.
 
     impl: "grouped" (torch._grouped_mm), "loop" (a GEMM chain per expert), "auto" (grouped where
-    `_grouped_mm_usable`, else the loop, with a one-time warning on CUDA)."""
+    `_grouped_mm_usable`, else the loop, with a one-time warning on CUDA), "fp8" / "fp8-reference"
+    (the FP8 grouped GEMM of kernels/fp8_gemm.py, its Triton kernel on CUDA / its PyTorch reference)."""
     if impl == "auto":
         impl = "grouped" if _grouped_mm_usable(x, w1) else "loop"
         if impl == "loop" and x.is_cuda and "loop" not in _warned:
@@ -243,15 +263,19 @@ def expert_dispatch(x, weights, indices, w1, w2, w3, limit, impl: str = "auto"):
             warnings.warn("moe: torch._grouped_mm is not usable here (needs bf16 or bf16 autocast, "
                           "SM80+, dims divisible by 8); running the experts in a Python loop, which "
                           "costs a host sync and E small GEMMs per layer")
-    if impl not in ("grouped", "loop"):
-        raise ValueError(f"expert_dispatch: impl must be 'auto', 'grouped' or 'loop', got {impl!r}")
+    if impl not in ("grouped", "loop", "fp8", "fp8-reference"):
+        raise ValueError(f"expert_dispatch: impl must be 'auto', 'grouped', 'loop', 'fp8' or 'fp8-reference', "
+                         f"got {impl!r}")
     n_tok, k = indices.shape
     e_sorted, order = indices.reshape(-1).sort(stable=True)     # [N*k] pairs grouped by expert
     # index_select, not x[...]: its backward is an index_add, where advanced indexing's backward
     # (a sorted, deterministic index_put) cost most of a V4 training step on an H200
     xs = x.index_select(0, order // k)                          # [N*k, dim] token of each pair
     counts = torch.bincount(e_sorted, minlength=w1.shape[0])    # [E]
-    if impl == "grouped":
+    if impl.startswith("fp8"):
+        h = _fp8_grouped_experts(xs, e_sorted, counts, w1, w2, w3, limit,
+                                 "reference" if impl == "fp8-reference" else "auto")
+    elif impl == "grouped":
         if x.is_cuda:                                           # the CUDA kernel is bf16 only
             xs, w1, w2, w3 = (t.to(torch.bfloat16) for t in (xs, w1, w2, w3))
         h = _grouped_experts(xs, e_sorted, counts, w1, w2, w3, limit)

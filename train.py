@@ -492,6 +492,7 @@ def main(argv=None):
         log.close()
         say(f"saved {ckpt_path}")
     if dist.is_initialized():
+        dist.barrier()                  # no rank tears down while another still communicates
         dist.destroy_process_group()
 
 

@@ -3,6 +3,7 @@
     GEMM     the Triton block-scaled FP8 GEMM (tuned, and the plain configuration) against cuBLAS's
              block-scaled FP8 (torch.nn.functional.scaled_mm, BlockWise1x128 x BlockWise128x128) and
              bf16 torch.matmul, in TFLOP/s, at square, V4-like and decode shapes
+    grouped  the FP8 grouped GEMM of the MoE's routed experts against bf16 torch._grouped_mm
     quant    act_quant / weight_quant / dequant in GB/s (bytes read + written) against a
              device-to-device copy measured the same way, of 256 MiB and of the same bytes
 
@@ -173,6 +174,32 @@ def bench_quant(rep_ms):
     return rows
 
 
+def bench_grouped(rep_ms):
+    """The MoE's routed experts: the FP8 grouped GEMM (one launch for all experts) against bf16
+    torch._grouped_mm on the same rows, at the small preset's shapes (16 experts, 16384 tokens x top-2,
+    each expert's rows padded to 128). Checked against the per-expert reference first."""
+    rows_out = []
+    for E, n_pairs, N, K in [(16, 32768, 1024, 768), (16, 32768, 768, 1024), (8, 65536, 2048, 4096)]:
+        counts = torch.bincount(torch.randint(0, E, (n_pairs,), device="cuda"), minlength=E)
+        padded = (counts + 127) // 128 * 128
+        R = -(-(n_pairs + E * 127) // 128) * 128
+        offs = padded.cumsum(0).to(torch.int32)
+        offs[-1] = R
+        block_group = torch.searchsorted(offs, torch.arange(0, R, 128, device="cuda", dtype=torch.int32),
+                                         right=True).clamp(max=E - 1).int()
+        x = torch.randn(R, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        a, a_s = fp8.act_quant(x)
+        b, b_s = fp8.weight_quant_grouped(w)
+        y = fp8.fp8_grouped_gemm(a, a_s, b, b_s, block_group, N)
+        err = max_rel_err(y, fp8.fp8_grouped_gemm_ref(a, a_s, b, b_s, block_group, N).float())
+        flops = 2 * R * N * K
+        t_fp8 = median_ms(lambda: fp8.fp8_grouped_gemm(a, a_s, b, b_s, block_group, N), rep_ms)
+        t_bf16 = median_ms(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs), rep_ms)
+        rows_out.append(((E, R, N, K), err, flops / t_fp8 * 1e-9, flops / t_bf16 * 1e-9))
+    return rows_out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,6 +230,7 @@ def main():
         print(f"({M}, {N}, {K}) done, {time.time() - start:.0f}s; tuned: {describe(row['config'])}; "
               f"cuBLAS: {row['cublas_note']}", flush=True)
     quant_rows = bench_quant(args.rep_ms)
+    grouped_rows = bench_grouped(args.rep_ms)
 
     print(f"\n== results ({props.name}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{time.time() - start:.0f}s, correctness {'PASS' if correct else 'FAIL'}) ==")
@@ -213,6 +241,9 @@ def main():
         print(f"{'':9s}{M:6d} {N:6d} {K:6d} | {r['triton']:7.1f} {r['plain']:6.1f} {r['cublas']:11.1f} "
               f"{r['bf16']:6.1f} | {r['triton'] / r['cublas']:13.2f} {r['triton'] / r['bf16']:12.2f} "
               f"| {describe(r['config'])}")
+    print("grouped (MoE) E, rows, N, K | max rel err vs reference | FP8 grouped TFLOP/s | bf16 _grouped_mm | ratio")
+    for (E, R, N, K), err, t_fp8, t_bf16 in grouped_rows:
+        print(f"{'':9s}{E:3d} {R:6d} {N:5d} {K:5d} | {err:24.2e} | {t_fp8:19.1f} | {t_bf16:16.1f} | {t_fp8 / t_bf16:.2f}")
     print("GB/s           kernel            shape |   GB/s   copy 256MiB  copy same bytes | ratio  ratio (same)")
     for name, (M, K), gbs, copy_gbs, same_gbs in quant_rows:
         print(f"{'':9s}{name:>13s} {f'[{M}, {K}]':>14s} | {gbs:6.0f} {copy_gbs:12.0f} {same_gbs:16.0f} "

@@ -13,6 +13,10 @@ product into an fp32 accumulator scaled by x_scale[m, kb] * w_scale[nb, kb]:
 A fresh accumulator per K slice is also what keeps the sum accurate on Hopper, whose FP8 tensor cores
 accumulate with about 14 bits (the DeepSeek-V3 report promotes to fp32 every 128 elements for this reason).
 
+The MoE's routed experts use the grouped form (`fp8_grouped_gemm`, `fp8_grouped_linear`): rows sorted
+by expert and padded to whole 128-row blocks, each block multiplied by its expert's weight in the same
+launch (the same kernel, GROUPED), as DeepGEMM's "contiguous" grouped layout does.
+
 Every kernel has a plain PyTorch reference here (`*_ref`); the public functions choose with
 `impl="auto"` (Triton on CUDA, the reference elsewhere), `"triton"` or `"reference"`.
 
@@ -181,15 +185,19 @@ def _dequant_kernel(q_ptr, s_ptr, y_ptr, M, K, stride_qm, stride_ym, stride_sm, 
 @triton.jit
 def _fp8_gemm_kernel(a, b, c, a_s_ptr, b_s_ptr, M, N, K,
                      stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                     NUM_PROGRAMS,
+                     NUM_PROGRAMS, block_group_ptr, GROUP_ROWS,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                     GROUPED: tl.constexpr):
     """c [M, N] bf16 = block-scaled a [M, K] @ b [N, K].T, e4m3 inputs.
 
     One code path for every variant: NUM_PROGRAMS = number of tiles launches one program per tile, fewer
     makes the programs persistent (each walks tiles pid, pid + NUM_PROGRAMS, ...). USE_TMA: a, b, c are
     host-side TMA descriptors (out-of-bounds reads return zeros, stores are clipped) instead of pointers.
-    BLOCK_K = 128 and BLOCK_N divides 128, so each K step sees one scale per row of a and one for b."""
+    BLOCK_K = 128 and BLOCK_N divides 128, so each K step sees one scale per row of a and one for b.
+    GROUPED (the MoE's experts): b holds E weights of GROUP_ROWS rows each (a multiple of 128), and the
+    rows of a come in blocks of 128 that each belong to one expert, block_group_ptr[block]; a tile of a
+    (BLOCK_M divides 128) is multiplied by its block's weight."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -204,18 +212,21 @@ def _fp8_gemm_kernel(a, b, c, a_s_ptr, b_s_ptr, M, N, K,
         pid_n = (tile % (GROUP_M * num_pid_n)) // group_m
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_row = pid_n * BLOCK_N                                          # first row of the b tile
+        if GROUPED:
+            b_row += tl.load(block_group_ptr + pid_m * BLOCK_M // BLOCK_K) * GROUP_ROWS
         a_s_ptrs = a_s_ptr + offs_m * stride_asm                        # [BLOCK_M]
-        b_s_ptrs = b_s_ptr + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn  # one 128-row weight block
+        b_s_ptrs = b_s_ptr + (b_row // BLOCK_K) * stride_bsn            # one 128-row weight block
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(k_tiles):
             if USE_TMA:
                 a_tile = a.load([pid_m * BLOCK_M, kb * BLOCK_K])                       # [BLOCK_M, BLOCK_K]
-                b_tile = b.load([pid_n * BLOCK_N, kb * BLOCK_K])                       # [BLOCK_N, BLOCK_K]
+                b_tile = b.load([b_row, kb * BLOCK_K])                                 # [BLOCK_N, BLOCK_K]
             else:
                 k = kb * BLOCK_K + offs_k
                 a_tile = tl.load(a + offs_m[:, None] * stride_am + k[None, :],
                                  mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-                b_tile = tl.load(b + offs_n[:, None] * stride_bn + k[None, :],
+                b_tile = tl.load(b + (b_row + tl.arange(0, BLOCK_N))[:, None] * stride_bn + k[None, :],
                                  mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0.0)
             scale = (tl.load(a_s_ptrs + kb * stride_ask, mask=offs_m < M, other=0.0)
                      * tl.load(b_s_ptrs + kb * stride_bsk))                            # [BLOCK_M]
@@ -377,9 +388,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
 
 
-def _launch_gemm(a, a_s, b, b_s, cfg: GemmConfig) -> torch.Tensor:
+def _launch_gemm(a, a_s, b, b_s, cfg: GemmConfig, groups=None) -> torch.Tensor:
+    """groups = (block_group [M / 128] int32, n_out, Np): b is E stacked [Np, K] weights (b [E * Np, K],
+    b_s [E * Np / 128, Kb]) of which the first n_out rows each are real; c is [M, n_out]."""
     M, K = a.shape
-    N = b.shape[0]
+    N = b.shape[0] if groups is None else groups[1]
     c = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
     if M == 0 or N == 0:
         return c
@@ -393,43 +406,46 @@ def _launch_gemm(a, a_s, b, b_s, cfg: GemmConfig) -> torch.Tensor:
             raise ValueError("tma=True needs TensorDescriptor (triton >= 3.4) and 16-byte aligned rows: "
                              f"K = {K} and 2 * N = {2 * N} multiples of 16")
         a_arg = TensorDescriptor(a, [M, K], [a.stride(0), 1], [cfg.block_m, BLOCK])
-        b_arg = TensorDescriptor(b, [N, K], [b.stride(0), 1], [cfg.block_n, BLOCK])
+        b_arg = TensorDescriptor(b, [b.shape[0], K], [b.stride(0), 1], [cfg.block_n, BLOCK])
         c_arg = TensorDescriptor(c, [M, N], [c.stride(0), 1], [cfg.block_m, cfg.block_n])
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     programs = min(tiles, cfg.persistent * _num_sms(c.device)) if cfg.persistent else tiles
+    block_group, group_rows = (a_s, 0) if groups is None else (groups[0], groups[2])   # (a_s: unread)
     _fp8_gemm_kernel[(programs,)](
         a_arg, b_arg, c_arg, a_s, b_s, M, N, K, a.stride(0), b.stride(0),
         c.stride(0), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), programs,
+        block_group, group_rows,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK, GROUP_M=cfg.group_m, USE_TMA=cfg.tma,
-        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        WARP_SPECIALIZE=cfg.warp_specialize, GROUPED=groups is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return c
 
 
-def tuned_gemm_config(a, a_scale, b, b_scale) -> GemmConfig:
+def tuned_gemm_config(a, a_scale, b, b_scale, groups=None) -> GemmConfig:
     """The fastest candidate for this problem size, timed on first use and remembered.
 
     Tuned here rather than with triton.autotune so that a candidate the installed Triton cannot compile
     (warp specialisation on Hopper is recent) or gets wrong is skipped with a warning instead of failing:
     each candidate's output is first compared with the plain kernel's."""
     M, K = a.shape
-    N = b.shape[0]
+    N = b.shape[0] if groups is None else groups[1]
     tma = _tma_ok(a, b) and (2 * N) % 16 == 0
-    key = (min(triton.next_power_of_2(max(M, 1)), 4096), N, K, tma, a.device)
+    key = (min(triton.next_power_of_2(max(M, 1)), 4096), N, K, tma, a.device, groups is None)
     if key in _tuned:
         return _tuned[key]
     candidates = [PLAIN_CONFIG] + (GEMM_CANDIDATES_SMALL_M if M <= 64 else GEMM_CANDIDATES_LARGE_M)
-    expected = _launch_gemm(a, a_scale, b, b_scale, PLAIN_CONFIG).float()
+    expected = _launch_gemm(a, a_scale, b, b_scale, PLAIN_CONFIG, groups).float()
     tolerance = 1e-2 * expected.abs().max().item() + 1e-6
     best, best_ms = PLAIN_CONFIG, math.inf
     for cfg in candidates:
         if cfg.tma and not tma:
             continue
         try:
-            got = _launch_gemm(a, a_scale, b, b_scale, cfg).float()
+            got = _launch_gemm(a, a_scale, b, b_scale, cfg, groups).float()
             if (got - expected).abs().max().item() > tolerance:
                 warnings.warn(f"fp8_gemm: {cfg} disagrees with the plain kernel; skipped")
                 continue
-            ms = triton.testing.do_bench(lambda: _launch_gemm(a, a_scale, b, b_scale, cfg),
+            ms = triton.testing.do_bench(lambda: _launch_gemm(a, a_scale, b, b_scale, cfg, groups),
                                          warmup=5, rep=20, return_mode="median")
         except Exception as e:  # noqa: BLE001 -- a candidate this Triton cannot build is skipped
             warnings.warn(f"fp8_gemm: {cfg} failed ({type(e).__name__}: {str(e)[:200]}); skipped")
@@ -457,6 +473,101 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     if config is None:
         config = PLAIN_CONFIG if not a.is_cuda else tuned_gemm_config(a, a_scale, b, b_scale)
     return _launch_gemm(a, a_scale, b, b_scale, config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The grouped form, for the MoE's routed experts
+# ---------------------------------------------------------------------------------------------------
+# The MoE sorts its (token, expert) pairs by expert and pads each expert's rows to a multiple of 128,
+# so every 1x128-scaled block of 128 rows belongs to one expert (block_group[r] for rows 128r..128r+127).
+# The weights [E, N, K] are quantised per expert in 128x128 blocks, N padded to a multiple of 128 so no
+# block straddles two experts. One launch multiplies every row block by its expert's weight.
+
+def weight_quant_grouped(w: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """w [E, N, K] -> (q [E, Np, K] e4m3, scale [E, Np / 128, ceil(K/128)] fp32), Np = N rounded up to
+    128 (zero rows), each expert's weight in its own 128x128 blocks."""
+    if w.dim() != 3:
+        raise ValueError(f"w must be [E, N, K], got shape {tuple(w.shape)}")
+    E, N, K = w.shape
+    wp = F.pad(w, (0, 0, 0, -N % BLOCK)) if N % BLOCK else w                      # [E, Np, K]
+    q, scale = weight_quant(wp.reshape(-1, K), impl)
+    return q.view(E, -1, K), scale.view(E, -1, scale.shape[-1])
+
+
+def fp8_grouped_gemm_ref(a, a_scale, b, b_scale, block_group, n_out: int) -> torch.Tensor:
+    """y [R, n_out] bf16: row block r of a times b[block_group[r]].T, in fp32 (one matmul per expert)."""
+    R, K = a.shape
+    x = dequant_ref(a, a_scale, 1, torch.float32).view(-1, BLOCK, K)              # [R/128, 128, K]
+    y = torch.zeros(R // BLOCK, BLOCK, n_out, device=a.device)
+    for e in block_group.unique().tolist():
+        blocks = (block_group == e).nonzero().squeeze(1)
+        w = dequant_ref(b[e], b_scale[e], BLOCK, torch.float32)[:n_out]            # [n_out, K]
+        y[blocks] = x[blocks] @ w.T
+    return y.view(R, n_out).to(torch.bfloat16)
+
+
+def fp8_grouped_gemm(a, a_scale, b, b_scale, block_group, n_out: int, impl: str = "auto",
+                     config: GemmConfig | None = None) -> torch.Tensor:
+    """y [R, n_out] bf16: a [R, K] e4m3 (R a multiple of 128) with a_scale [R, ceil(K/128)] (1x128);
+    b [E, Np, K] e4m3 with b_scale [E, Np / 128, ceil(K/128)] as weight_quant_grouped returns them;
+    block_group [R / 128] int32, the expert of each block of 128 rows; n_out <= Np, the real N."""
+    _check_2d("a", a, (FP8_DTYPE,))
+    R, K = a.shape
+    if b.dim() != 3 or b.dtype != FP8_DTYPE or b.shape[2] != K or b.shape[1] % BLOCK or not 0 < n_out <= b.shape[1]:
+        raise ValueError(f"b must be e4m3 [E, Np, K = {K}] with Np a multiple of {BLOCK} and n_out <= Np, got "
+                         f"{b.dtype} {tuple(b.shape)}, n_out = {n_out}")
+    E, Np = b.shape[:2]
+    if R % BLOCK or tuple(block_group.shape) != (R // BLOCK,) or block_group.dtype != torch.int32:
+        raise ValueError(f"need R = {R} a multiple of {BLOCK} and block_group int32 [{R // BLOCK}], got "
+                         f"{block_group.dtype} {tuple(block_group.shape)}")
+    _check_scale("a_scale", a_scale, (R, _blocks(K)), a.device)
+    _check_scale("b_scale", b_scale, (E, Np // BLOCK, _blocks(K)), a.device)
+    if not _use_triton(impl, a):
+        return fp8_grouped_gemm_ref(a, a_scale, b, b_scale, block_group, n_out)
+    b2, b_s2, groups = b.view(E * Np, K), b_scale.view(E * Np // BLOCK, -1), (block_group, n_out, Np)
+    if config is None:
+        config = PLAIN_CONFIG if not a.is_cuda else tuned_gemm_config(a, a_scale, b2, b_s2, groups)
+    return _launch_gemm(a, a_scale, b2, b_s2, config, groups)
+
+
+class _Fp8GroupedLinearFunction(torch.autograd.Function):
+    """y = fp8_grouped_gemm(act_quant(x), weight_quant_grouped(w)); the backward in the gradient's
+    dtype with the dequantised operands (as _Fp8LinearFunction), one GEMM pair per expert."""
+
+    @staticmethod
+    def forward(ctx, x, weight, block_group, impl):
+        x_q, x_s = act_quant(x, impl)                                    # [R, K], [R, Kb]
+        w_q, w_s = weight_quant_grouped(weight.detach(), impl)            # [E, Np, K], [E, Np/128, Kb]
+        ctx.save_for_backward(x_q, x_s, w_q, w_s, block_group)
+        ctx.impl, ctx.n_out, ctx.weight_dtype = impl, weight.shape[1], weight.dtype
+        return fp8_grouped_gemm(x_q, x_s, w_q, w_s, block_group, weight.shape[1], impl).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):                                           # grad_y [R, N]
+        x_q, x_s, w_q, w_s, block_group = ctx.saved_tensors
+        dtype, n_out, (E, Np, K) = grad_y.dtype, ctx.n_out, w_q.shape
+        x = dequant(x_q, x_s, 1, dtype, ctx.impl).view(-1, BLOCK, K)                          # [R/128, 128, K]
+        w = dequant(w_q.view(-1, K), w_s.view(-1, w_s.shape[-1]), BLOCK, dtype, ctx.impl).view(E, Np, K)
+        g = grad_y.view(-1, BLOCK, n_out)                                                     # [R/128, 128, N]
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(E, n_out, K, dtype=torch.float32, device=grad_y.device)
+        for e in block_group.unique().tolist():       # one host read of the experts present
+            blocks = (block_group == e).nonzero().squeeze(1)
+            ge, xe = g[blocks].reshape(-1, n_out), x[blocks].reshape(-1, K)
+            grad_x[blocks] = (ge @ w[e, :n_out]).view(-1, BLOCK, K)
+            grad_w[e] = (ge.T @ xe).float()
+        return grad_x.view(-1, K), grad_w.to(ctx.weight_dtype), None, None
+
+
+def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, block_group: torch.Tensor,
+                       impl: str = "auto") -> torch.Tensor:
+    """x [R, K] (rows grouped in blocks of 128 per expert), weight [E, N, K] -> [R, N] in x's dtype:
+    row block r times weight[block_group[r]].T through the FP8 grouped GEMM. Differentiable in x and
+    weight."""
+    if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2]:
+        raise ValueError(f"need x [R, K] and weight [E, N, K] with the same K, got {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
+    return _Fp8GroupedLinearFunction.apply(x if x.stride(1) == 1 else x.contiguous(), weight, block_group, impl)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -478,6 +478,9 @@ def _fsdp_worker(rank, world, folder, case):
         error = str(e)
     if rank == 0:
         torch.save({"params": full, "error": error}, os.path.join(folder, "sharded.pt"))
+    # every rank done before any tears down: a rank that closes its gloo pairs while the other still has
+    # work in flight can kill it from a background thread ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
