@@ -142,6 +142,16 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return m
 
 
+def sinkhorn_for(x: torch.Tensor, cfg):
+    """The Sinkhorn to run on x: kernels/sinkhorn.py's fused kernel on CUDA in fp32 (one launch where
+    the loop above makes about 6 * iters), this file's loop elsewhere or with ModelConfig.kernels =
+    "reference". Imported here, not at the top, so mHC runs where Triton is not installed."""
+    if x.is_cuda and x.dtype == torch.float32 and getattr(cfg, "kernels", "auto") != "reference":
+        from kernels.sinkhorn import sinkhorn as fused
+        return fused
+    return sinkhorn
+
+
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     dtype = torch.float32
     for t in tensors:
@@ -187,7 +197,8 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
         pre = torch.sigmoid(scale[0] * mix[..., :n] + base[:n]) + cfg.hc_eps            # [B, T, n]
         post = 2 * torch.sigmoid(scale[1] * mix[..., n:2 * n] + base[n:2 * n])          # [B, T, n]
         res_logits = scale[2] * mix[..., 2 * n:] + base[2 * n:]                         # [B, T, n*n]
-        res = sinkhorn(res_logits.unflatten(-1, (n, n)), cfg.hc_sinkhorn_iters, cfg.hc_eps)  # [B, T, n, n]
+        res = sinkhorn_for(res_logits, cfg)(res_logits.unflatten(-1, (n, n)), cfg.hc_sinkhorn_iters,
+                                            cfg.hc_eps)                                 # [B, T, n, n]
         u = (pre.unsqueeze(-2) @ xs).squeeze(-2)                                        # [B, T, d]
     return u.to(x.dtype), post, res
 
