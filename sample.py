@@ -40,6 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--fp8", action="store_true", help="FP8 block-scaled GEMM in the projections")
     p.add_argument("--kernels", choices=["auto", "reference"], default="auto",
                    help="auto: the Triton kernels on CUDA; reference: the plain PyTorch code")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="raise the checkpoint's position limit for a longer context than it was trained "
+                        "to (positions past the training length are extrapolation: the compressed "
+                        "layers' YaRN is built for it, the window layers' RoPE sees only the last 128)")
     return p.parse_args(argv)
 
 
@@ -126,6 +130,10 @@ def main(argv=None):
                           else ("cpu" if args.device == "auto" else args.device))
     state = load_checkpoint(args.ckpt)
     state["config"].update(fp8=args.fp8 or state["config"]["fp8"], kernels=args.kernels)
+    if args.max_seq_len is not None:
+        if args.max_seq_len < 1:
+            raise SystemExit(f"--max-seq-len must be positive, got {args.max_seq_len}")
+        state["config"]["max_seq_len"] = args.max_seq_len
     model, enc = model_from_checkpoint(state, device)
     for m in model.modules():            # sampling never changes the weights: quantise them once
         if hasattr(m, "cache_weight"):
@@ -139,7 +147,7 @@ def main(argv=None):
     ids = [bos] + enc.encode_ordinary(text)
     if len(ids) + args.max_new_tokens > model.cfg.max_seq_len:
         raise SystemExit(f"prompt of {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} exceeds "
-                         f"the model's max_seq_len of {model.cfg.max_seq_len}")
+                         f"the model's max_seq_len of {model.cfg.max_seq_len} (--max-seq-len raises it)")
     prompt = torch.tensor([ids], device=device)
     for i in range(args.num_samples):
         sys.stdout.write(text)

@@ -92,6 +92,11 @@ def test_prompt_too_long(tmp_path, corpus):
     run(tmp_path, corpus, steps=1)
     with pytest.raises(SystemExit, match="max_seq_len"):
         sample.main(["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--prompt", "x = 1\n" * 200])
+    # --max-seq-len raises the limit of a model trained at 128 positions: the same prompt now samples
+    sample.main(["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--prompt", "x = 1\n" * 200,
+                 "--max-new-tokens", "3", "--max-seq-len", "4096"])
+    with pytest.raises(SystemExit, match="--max-seq-len must be positive"):
+        sample.main(["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--max-seq-len", "0"])
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, corpus):
