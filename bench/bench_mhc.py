@@ -1,5 +1,6 @@
 """Where the mHC time goes: one sublayer's hyper-connection (hc_pre + hc_post), forward + backward,
-against the plain residual add, eager and under torch.compile, at the small preset's shapes.
+against the plain residual add, eager and under torch.compile, at the small preset's shapes; on CUDA
+also with kernels/sinkhorn.py's fused Sinkhorn in place of the loop.
 
     python bench/bench_mhc.py                          # H200: tokens 8 x 2048, dim 768, n 4, 12 layers
     python bench/bench_mhc.py --tokens 256 --dim 64    # CPU smoke run
@@ -54,16 +55,24 @@ def main():
     def plain():
         (h + y).sum().backward()
 
-    def mhc():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            u, post, res = hc_pre(x, params[0], params[2], params[1], cfg)
-            out = hc_post(y + u, x, post, res)   # y + u stands in for the sublayer, so u gets a gradient
-        out.sum().backward()
+    def mhc(config):
+        def run():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                u, post, res = hc_pre(x, params[0], params[2], params[1], config)
+                out = hc_post(y + u, x, post, res)   # y + u stands in for the sublayer, so u gets a gradient
+            out.sum().backward()
+        return run
 
-    def sinkhorn_only():
-        sinkhorn(logits, 20, 1e-6).sum().backward()
+    def sinkhorn_only(fn):
+        return lambda: fn(logits, 20, 1e-6).sum().backward()
 
-    cases = {"plain residual add": plain, "mHC hc_pre + hc_post": mhc, "  of which Sinkhorn": sinkhorn_only}
+    # on CUDA hc_pre runs kernels/sinkhorn.py's fused Sinkhorn unless kernels="reference" (the loop)
+    loop_cfg = SimpleNamespace(**vars(cfg), kernels="reference")
+    cases = {"plain residual add": plain, "mHC hc_pre + hc_post": mhc(loop_cfg),
+             "  of which Sinkhorn": sinkhorn_only(sinkhorn)}
+    if device.type == "cuda":
+        from kernels.sinkhorn import sinkhorn as fused
+        cases.update({"mHC, fused Sinkhorn": mhc(cfg), "  fused Sinkhorn": sinkhorn_only(fused)})
     rows = []
     for name, fn_ in cases.items():
         row = [name, timed(fn_, device, args.reps)]
@@ -75,9 +84,10 @@ def main():
     print(f"{'':24s}{'eager':>10s}" + ("" if args.no_compile else f"{'compiled':>10s}"))
     for row in rows:
         print(f"{row[0]:24s}" + "".join(f"{v:10.3f}" for v in row[1:]))
-    per_step = [2 * args.n_layers * (m - q) for m, q in zip(rows[1][1:], rows[0][1:])]
-    print("mHC overhead per step (2 x n_layers sublayers), ms: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in zip(("eager", "compiled"), per_step)))
+    for label, row in [("loop Sinkhorn", rows[1])] + ([("fused Sinkhorn", rows[3])] if len(rows) > 3 else []):
+        per_step = [2 * args.n_layers * (m - q) for m, q in zip(row[1:], rows[0][1:])]
+        print(f"mHC overhead per step (2 x n_layers sublayers), {label}, ms: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in zip(("eager", "compiled"), per_step)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@
 #   bash bench/h200_session.sh 7    FSDP2 on 1 and 2 GPUs (20 steps), then 180 steps on 4 GPUs + sample
 #   bash bench/h200_session.sh 8    long T with activation checkpointing, CSA bench, CUDA kernel tests
 #   bash bench/h200_session.sh 9    long T after the checkpointed query chunks; CUDA checks; step time
+#   bash bench/h200_session.sh 10   next: the fused Sinkhorn and FP8 routed experts (tests, benches, step, decode)
 # Phases 2-5 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here (writes
 # .data/stdlib311.tgz), then call the device with carry=[".data"].
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
@@ -169,6 +170,19 @@ elif [ "$1" = 9 ]; then
   ( job 3 100 $PY bench/gpu_check.py
     job 3 80 $PY bench/profile_step.py --preset small --rows 0
     job 3 120 $PY bench/profile_step.py --preset small --seq-len 16384 --batch-size 1 --rows 0 ) &
+  wait
+elif [ "$1" = 10 ]; then
+  # what the end of the second session wrote without a GPU: the fused Sinkhorn and the FP8 grouped GEMM
+  # for the routed experts; checks first, then their effect on the step and on decode
+  ( job 0 200 $PY -m pytest -q tests/test_mhc.py tests/test_fp8_gemm.py tests/test_moe.py tests/test_csa_select.py
+    job 0 120 $PY bench/gpu_check.py ) &
+  ( job 1 150 $PY bench/bench_mhc.py
+    job 1 100 $PY bench/profile_decode.py --preset small --context 4096 --new-tokens 32 --rows 25
+    job 1 60 $PY bench/profile_decode.py --preset small --context 4096 --new-tokens 32 --kernels reference --rows 0 ) &
+  ( job 2 300 $PY bench/bench_fp8_gemm.py ) &
+  ( job 3 80 $PY bench/profile_step.py --preset small --rows 0
+    job 3 80 $PY bench/profile_step.py --preset small --set kernels=reference --rows 0
+    job 3 80 $PY bench/profile_step.py --preset small --set fp8=True --rows 0 ) &
   wait
 elif [ "$1" = 5 ]; then
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
