@@ -34,6 +34,14 @@ job() {  # job GPU SECONDS COMMAND...: run on one GPU with a time limit, appendi
   echo "### exit $?" >> "$OUT/gpu$gpu.log"
 }
 
+long_run() {  # long_run GPU SECONDS T [flags...]: 3 steps of the whole small preset at batch 1 x T;
+  # its last metrics row (mem_gb: peak memory) goes to long.log
+  local gpu=$1 limit=$2 T=$3; shift 3
+  job "$gpu" "$limit" $PY train.py --preset small --vocab-size 8192 --data /tmp/stdlib311 --batch-size 1 \
+      --steps 3 --log-interval 1 --eval-interval 1000 --ckpt-interval 1000 --seq-len "$T" "$@" --out-dir out/long$T$gpu
+  echo "T=$T $* $(grep -h mem_gb out/long$T$gpu/metrics.jsonl 2>/dev/null | tail -n 1)" >> "$OUT/long.log"
+}
+
 fsdp() {  # fsdp N GPUS: tokens/s of the small preset, 8 sequences of 2048 per GPU
   echo "### FSDP on $1 GPU(s): $2" >> "$OUT/fsdp.log"
   CUDA_VISIBLE_DEVICES=$2 timeout 150 torchrun --standalone --nproc_per_node $1 --master_port $((29400 + $1)) \
@@ -91,12 +99,8 @@ elif [ "$1" = 3 ]; then
 elif [ "$1" = 4 ]; then
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
   $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
-  LONG="--preset small --vocab-size 8192 --data /tmp/stdlib311 --batch-size 1 --steps 3 --log-interval 1 --eval-interval 1000"
-  ( for T in 8192 16384 32768 65536; do    # peak memory of the whole model: mem_gb in the rows
-      job 0 150 $PY train.py $LONG --seq-len $T --out-dir out/long$T
-      grep -h mem_gb out/long$T/metrics.jsonl | tail -n 1 >> "$OUT/gpu0.log"
-    done
-    job 0 150 $PY train.py $LONG --seq-len 131072 --set max_seq_len=131072 --activation-checkpointing --out-dir out/long131k
+  ( for T in 8192 16384 32768 65536; do long_run 0 150 $T; done      # peak memory of the whole model
+    long_run 0 150 131072 --set max_seq_len=131072 --activation-checkpointing
     job 0 120 $PY -m pytest -q tests/test_csa_select.py tests/test_fp8_gemm.py
     job 0 200 $PY bench/bench_csa_select.py ) &
   ( job 1 100 $PY bench/profile_step.py --preset small
@@ -109,13 +113,8 @@ elif [ "$1" = 6 ]; then
   # the second session's first lease: long T (#3), the longer V4 run (#7), the kernels (#9, #10), decode
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
   $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
-  LONG="--preset small --vocab-size 8192 --data /tmp/stdlib311 --batch-size 1 --steps 3 --log-interval 1 --eval-interval 1000 --ckpt-interval 1000"
-  ( for T in 8192 16384 32768 65536; do    # peak memory of the whole model: mem_gb in the rows
-      job 0 100 $PY train.py $LONG --seq-len $T --out-dir out/long$T
-      echo "T=$T $(grep -h mem_gb out/long$T/metrics.jsonl | tail -n 1)" >> "$OUT/long.log"
-    done
-    job 0 150 $PY train.py $LONG --seq-len 131072 --set max_seq_len=131072 --activation-checkpointing --out-dir out/long131k
-    echo "T=131072 AC $(grep -h mem_gb out/long131k/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
+  ( for T in 8192 16384 32768 65536; do long_run 0 100 $T; done      # peak memory of the whole model
+    long_run 0 150 131072 --set max_seq_len=131072 --activation-checkpointing ) &
   ( job 1 120 $PY -m pytest -q tests/test_csa_select.py tests/test_fp8_gemm.py
     job 1 200 $PY bench/bench_csa_select.py
     job 1 100 $PY bench/profile_decode.py --preset small --context 4096 --new-tokens 32 --rows 25
@@ -145,13 +144,9 @@ elif [ "$1" = 8 ]; then
   # long T with activation checkpointing (#3), CSA kernels again (#10), the CUDA test files
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
   $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
-  LONG="--preset small --vocab-size 8192 --data /tmp/stdlib311 --batch-size 1 --steps 3 --log-interval 1 --eval-interval 1000 --ckpt-interval 1000"
-  ( job 0 150 $PY train.py $LONG --seq-len 65536 --out-dir out/long65k
-    echo "T=65536 $(grep -h mem_gb out/long65k/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
-  ( job 1 150 $PY train.py $LONG --seq-len 65536 --activation-checkpointing --out-dir out/long65kac
-    echo "T=65536 AC $(grep -h mem_gb out/long65kac/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
-  ( job 2 200 $PY train.py $LONG --seq-len 131072 --set max_seq_len=131072 --activation-checkpointing --out-dir out/long131k
-    echo "T=131072 AC $(grep -h mem_gb out/long131k/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
+  long_run 0 150 65536 &
+  long_run 1 150 65536 --activation-checkpointing &
+  long_run 2 200 131072 --set max_seq_len=131072 --activation-checkpointing &
   ( job 3 100 $PY bench/bench_csa_select.py
     job 3 120 $PY -m pytest -q tests/test_csa_select.py tests/test_fp8_gemm.py ) &
   wait
@@ -160,13 +155,9 @@ elif [ "$1" = 9 ]; then
   # activation checkpointing; CUDA checks and the step time at T=2048 (unchanged path) beside it
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
   $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
-  LONG="--preset small --vocab-size 8192 --data /tmp/stdlib311 --batch-size 1 --steps 3 --log-interval 1 --eval-interval 1000 --ckpt-interval 1000"
-  ( job 0 200 $PY train.py $LONG --seq-len 65536 --out-dir out/long65k
-    echo "T=65536 $(grep -h mem_gb out/long65k/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
-  ( job 1 200 $PY train.py $LONG --seq-len 65536 --activation-checkpointing --out-dir out/long65kac
-    echo "T=65536 AC $(grep -h mem_gb out/long65kac/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
-  ( job 2 260 $PY train.py $LONG --seq-len 131072 --set max_seq_len=131072 --activation-checkpointing --out-dir out/long131k
-    echo "T=131072 AC $(grep -h mem_gb out/long131k/metrics.jsonl | tail -n 1)" >> "$OUT/long.log" ) &
+  long_run 0 200 65536 &
+  long_run 1 200 65536 --activation-checkpointing &
+  long_run 2 260 131072 --set max_seq_len=131072 --activation-checkpointing &
   ( job 3 100 $PY bench/gpu_check.py
     job 3 80 $PY bench/profile_step.py --preset small --rows 0
     job 3 120 $PY bench/profile_step.py --preset small --seq-len 16384 --batch-size 1 --rows 0 ) &

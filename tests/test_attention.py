@@ -176,11 +176,8 @@ def attention_loop(q, kv, window, entries, entry_idx, ratio, pos0, sink, scale):
     return out
 
 
-@pytest.mark.parametrize("mode", ["window", "dense", "topk"])
-@pytest.mark.parametrize("pos0,P", [(0, 0), (37, 7), (41, 3)])
-def test_sparse_attention_matches_loop(mode, pos0, P):
-    torch.manual_seed(3)
-    B, L, H, c, window, m = 2, 23, 3, 8, 8, 4
+def core_inputs(mode, B, L, H, c, m, pos0, P):
+    """q, kv (P earlier rows), sink, entries (None for window only) and top-5 indices (mode "topk")."""
     q, kv, sink = torch.randn(B, L, H, c), torch.randn(B, P + L, c), torch.randn(H)
     N = (pos0 + L) // m
     entries = None if mode == "window" else torch.randn(B, N, c)
@@ -188,6 +185,15 @@ def test_sparse_attention_matches_loop(mode, pos0, P):
     if mode == "topk":
         idx = csa_select(torch.randn(B, L, 2, 4), torch.randn(B, L, 2), torch.randn(B, N, 4),
                          pos0 + torch.arange(L), m, 5)
+    return q, kv, sink, entries, idx
+
+
+@pytest.mark.parametrize("mode", ["window", "dense", "topk"])
+@pytest.mark.parametrize("pos0,P", [(0, 0), (37, 7), (41, 3)])
+def test_sparse_attention_matches_loop(mode, pos0, P):
+    torch.manual_seed(3)
+    B, L, H, c, window, m = 2, 23, 3, 8, 8, 4
+    q, kv, sink, entries, idx = core_inputs(mode, B, L, H, c, m, pos0, P)
     o, p_entries = sparse_attention(q, kv, window, entries, idx, m, pos0, sink, c ** -0.5)
     ref = attention_loop(q, kv, window, entries, idx, m, pos0, sink, c ** -0.5)
     torch.testing.assert_close(o.double(), ref, atol=1e-5, rtol=0)
@@ -202,13 +208,7 @@ def test_sparse_attention_in_checkpointed_chunks_equals_one_pass(mode, monkeypat
     import attention
     torch.manual_seed(4)
     B, L, H, c, window, m, pos0, P = 2, 30, 3, 8, 8, 4, 37, 7
-    q, kv, sink = torch.randn(B, L, H, c), torch.randn(B, P + L, c), torch.randn(H)
-    N = (pos0 + L) // m
-    entries = None if mode == "window" else torch.randn(B, N, c)
-    idx = None
-    if mode == "topk":
-        idx = csa_select(torch.randn(B, L, 2, 4), torch.randn(B, L, 2), torch.randn(B, N, 4),
-                         pos0 + torch.arange(L), m, 5)
+    q, kv, sink, entries, idx = core_inputs(mode, B, L, H, c, m, pos0, P)
     results = []
     for chunk in (10 ** 9, 7):
         monkeypatch.setattr(attention, "ATTENTION_CHUNK", chunk)
