@@ -82,6 +82,30 @@ def test_loss_parts_and_bias_moves():
     assert before and any(not torch.equal(a, b) for a, b in zip(after, before))
 
 
+def test_bias_update_sums_every_layers_loads_in_one_collective():
+    """Under FSDP the loads are summed over ranks, all layers in one call; each layer then updates from
+    its own slice. A fake all_reduce adds a second rank whose loads favour the last expert only."""
+    torch.manual_seed(0)
+    model = Transformer(nano())
+    x = torch.randint(0, 256, (2, 100))
+    model(x, torch.roll(x, -1, 1))
+    layers = model.moe_layers()
+    mine = [m.load.clone() for m in layers]
+    other = [torch.zeros_like(load).index_fill_(0, torch.tensor([load.numel() - 1]), 1e6) for load in mine]
+    calls = []
+
+    def all_reduce(t):
+        calls.append(t.numel())
+        t.add_(torch.cat(other))
+    seen = []
+    for m in layers:          # record the load each layer updates from
+        m.update_bias = (lambda m: lambda gamma: seen.append(m.load.clone()))(m)
+    model.update_moe_bias(all_reduce=all_reduce)
+    assert calls == [sum(load.numel() for load in mine)]
+    for got, a, b in zip(seen, mine, other):
+        torch.testing.assert_close(got, a + b)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown preset"):
         ModelConfig.from_preset("huge")
