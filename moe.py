@@ -25,7 +25,9 @@ Dispatch is dropless: every (token, slot) pair is computed; pairs are sorted by 
 sees one contiguous block, the experts run as ONE grouped matrix multiply (`torch._grouped_mm`, bf16,
 CUDA), and the results are put back in token order and summed with the routing weights. Elsewhere a
 loop over the experts does the same work (`expert_dispatch(..., impl="loop")`); `moe_reference` is the
-plain per-token definition that the tests hold both against.
+plain per-token definition that the tests hold both against. With `--fp8` (model.use_fp8) the experts
+run as V4 runs them, in block-scaled FP8: each expert's rows padded to whole 128-row blocks, one grouped
+FP8 GEMM launch for all experts (kernels/fp8_gemm.py, `impl="fp8"`).
 
 Where our code differs from the official inference code: the official model stores one module per
 expert (`experts.E.w1.weight`); we store the experts stacked (`w1` [E, inter, dim]) so the grouped GEMM,
