@@ -465,6 +465,7 @@ class Attention(nn.Module):
             self.compressor = None
         self.indexer = Indexer(cfg, self.compress_ratio) if self.compress_ratio == 4 else None
         self.indexer_loss = None
+        self.wo_a_fp8 = None            # model.use_fp8 sets the FP8 implementation ("auto" / "reference")
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -585,5 +586,10 @@ class Attention(nn.Module):
         o = apply_rope(o, pos, self.inv_freq, inverse=True)                   # [B, T, n_h, c]
         o = o.reshape(B, T, self.cfg.o_groups, -1)                            # [B, T, g, n_h*c/g]
         wo_a = self.wo_a.weight.view(self.cfg.o_groups, self.cfg.o_lora_rank, -1)
-        o = torch.einsum("btgd,grd->btgr", o, wo_a)                           # [B, T, g, o_lora_rank]
+        if self.wo_a_fp8 is None:
+            o = torch.einsum("btgd,grd->btgr", o, wo_a)                       # [B, T, g, o_lora_rank]
+        else:                                                                 # --fp8: the same, block-scaled
+            from kernels.fp8_gemm import fp8_batched_linear
+            o = fp8_batched_linear(o.flatten(0, 1).transpose(0, 1), wo_a, self.wo_a_fp8)   # [g, B*T, r]
+            o = o.transpose(0, 1).reshape(B, T, self.cfg.o_groups, -1)
         return self.wo_b(o.flatten(2))                                        # [B, T, dim]

@@ -190,11 +190,11 @@ FP8_LAYERS = re.compile(r"\.attn\.(wq_a|wq_b|wkv|wo_b)$|\.(shared_experts|ffn)\.
 
 
 def use_fp8(model: nn.Module, cfg: ModelConfig) -> list[str]:
-    """--fp8: the attention projections (wq_a, wq_b, wkv, wo_b), the shared / dense expert projections
-    and the routed experts (through the grouped form: `moe.expert_dispatch(impl="fp8")`) run through
-    the block-scaled FP8 GEMM (kernels/fp8_gemm.py, Triton on CUDA). The embedding, head, norms, mHC,
-    the gate and the compressor / indexer projections (fp32 in V4) stay in higher precision. Not
-    converted, said plainly: wo_a (applied group by group through its weight). Returns what runs in FP8."""
+    """--fp8: the attention projections (wq_a, wq_b, wkv, wo_b, and wo_a group by group), the shared /
+    dense expert projections and the routed experts (through the grouped form:
+    `moe.expert_dispatch(impl="fp8")`) run through the block-scaled FP8 GEMM (kernels/fp8_gemm.py,
+    Triton on CUDA). The embedding, head, norms, mHC, the gate and the compressor / indexer projections
+    (fp32 in V4) stay in higher precision. Returns what runs in FP8."""
     from kernels.fp8_gemm import convert_to_fp8
     reference = cfg.kernels == "reference"
     names = convert_to_fp8(model, include=lambda name, _: FP8_LAYERS.search(name) is not None,
@@ -203,6 +203,9 @@ def use_fp8(model: nn.Module, cfg: ModelConfig) -> list[str]:
         if isinstance(module, MoE):
             module.dispatch = "fp8-reference" if reference else "fp8"
             names += [f"{name}.w{i}" for i in (1, 2, 3)]
+        elif isinstance(module, Attention):
+            module.wo_a_fp8 = "reference" if reference else "auto"
+            names.append(f"{name}.wo_a")
     return names
 
 

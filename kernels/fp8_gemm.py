@@ -570,6 +570,19 @@ def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, block_group: torch
     return _Fp8GroupedLinearFunction.apply(x if x.stride(1) == 1 else x.contiguous(), weight, block_group, impl)
 
 
+def fp8_batched_linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """x [G, M, K], weight [G, N, K] -> [G, M, N]: G independent products x[g] @ weight[g].T in FP8, as
+    one grouped launch (each group's M rows padded to whole 128-row blocks). V4's grouped output
+    projection wo_a is this product with G = o_groups."""
+    if x.dim() != 3 or weight.dim() != 3 or x.shape[0] != weight.shape[0] or x.shape[2] != weight.shape[2]:
+        raise ValueError(f"need x [G, M, K] and weight [G, N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    G, M, K = x.shape
+    Mp = -(-max(M, 1) // BLOCK) * BLOCK
+    rows = F.pad(x, (0, 0, 0, Mp - M)).reshape(G * Mp, K)                            # [G * Mp, K]
+    block_group = torch.arange(G, device=x.device, dtype=torch.int32).repeat_interleave(Mp // BLOCK)
+    return fp8_grouped_linear(rows, weight, block_group, impl).view(G, Mp, -1)[:, :M]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Fp8Linear
 # ---------------------------------------------------------------------------------------------------
