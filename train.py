@@ -437,6 +437,8 @@ def main(argv=None):
         model.mtp_loss_weight = 0.1 if in_decay(step, args) else 0.3
         step_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
+            if world > 1:     # FSDP2: reduce-scatter the gradients once, after the last micro-batch
+                model.set_requires_gradient_sync(micro == args.grad_accum - 1)
             x, y = sample_batch(train_tokens, args.batch_size, args.seq_len, args.seed,
                                 step * args.grad_accum + micro, rank)
             with autocast:

@@ -62,13 +62,21 @@ def losses(out):
 # one-process gradient by float rounding (~1e-7), and Newton-Schulz amplifies that in the directions
 # of small singular values, so the losses drift apart by ~1e-4 after a few steps (measured 9e-5 at
 # step 4). The tolerance says so rather than hiding it.
-# The AdamW case also recomputes the blocks in the backward (--activation-checkpointing) on the two ranks.
-@pytest.mark.parametrize("optimizer, tol, extra", [("adamw", 1e-5, ["--activation-checkpointing"]),
-                                                   ("muon", 1e-3, [])])
-def test_fsdp_two_ranks_equal_one_process_and_checkpoint_moves(tmp_path, corpus, optimizer, tol, extra):
+# The AdamW case also accumulates two micro-batches per step (both runs; under FSDP the gradients are
+# reduced once, after the last) and recomputes the blocks in the backward (--activation-checkpointing)
+# on the two ranks. Its losses agree to 1e-5; its final weights' logits to 5.5e-3 (measured; within 1e-3
+# without the accumulation, and the same with or without the once-per-step reduction): Adam divides by
+# sqrt(v), so parameters with near-zero gradients (the indexer's, the mHC scales) turn rounding
+# differences of the two summation orders into steps of up to lr, and the fourth update is not yet in
+# any logged loss.
+@pytest.mark.parametrize("optimizer, tol, logit_tol, both, extra", [
+    ("adamw", 1e-5, 1e-2, ["--grad-accum", "2"], ["--activation-checkpointing"]),
+    ("muon", 1e-3, 1e-1, [], [])])
+def test_fsdp_two_ranks_equal_one_process_and_checkpoint_moves(tmp_path, corpus, optimizer, tol, logit_tol,
+                                                               both, extra):
     one, two = tmp_path / "one", tmp_path / "two"
-    finish(launch(args(one, corpus, 2, "--optimizer", optimizer)))
-    finish(launch(args(two, corpus, 1, "--optimizer", optimizer, *extra), nproc=2))   # a sequence per rank
+    finish(launch(args(one, corpus, 2, "--optimizer", optimizer, *both)))
+    finish(launch(args(two, corpus, 1, "--optimizer", optimizer, *both, *extra), nproc=2))   # a sequence per rank
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < tol, (a, b)
@@ -79,7 +87,7 @@ def test_fsdp_two_ranks_equal_one_process_and_checkpoint_moves(tmp_path, corpus,
     x = torch.tensor([enc.encode_ordinary("def parse(self, args):\n    return args")])
     m2.eval(), m1.eval()
     with torch.no_grad():
-        torch.testing.assert_close(m2(x), m1(x), atol=100 * tol, rtol=100 * tol)
+        torch.testing.assert_close(m2(x), m1(x), atol=logit_tol, rtol=logit_tol)
         from muon import build_optimizer
         m3, _ = train.model_from_checkpoint(train.load_checkpoint(str(two / "ckpt.pt")))
         for p in m3.parameters():
