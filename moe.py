@@ -193,6 +193,21 @@ def _looped_experts(xs, counts, w1, w2, w3, limit):
     return torch.cat(outs)
 
 
+def _padded_layout(e_sorted, counts, align: int):
+    """Where each expert-sorted pair goes when every expert's rows are padded with zero rows to a multiple
+    of `align`: (dest [n] row of each pair, ends [E] int32 end row of each expert's block, rows). The
+    padded length is bounded by n + E (align - 1), rounded up to `align`, without knowing the counts (no
+    host sync); the slack goes to the last expert as zero rows, which give zero output and zero gradient."""
+    n, n_exp = e_sorted.shape[0], counts.shape[0]
+    padded = (counts + align - 1) // align * align                                 # [E]
+    rank = torch.arange(n, device=e_sorted.device) - (counts.cumsum(0) - counts)[e_sorted]
+    dest = (padded.cumsum(0) - padded)[e_sorted] + rank                           # [n]
+    rows = -(-(n + n_exp * (align - 1)) // align) * align
+    ends = padded.cumsum(0).to(torch.int32)
+    ends[-1] = rows
+    return dest, ends, rows
+
+
 def _grouped_experts(xs, e_sorted, counts, w1, w2, w3, limit):
     """xs [n, dim] sorted by expert (expert ids e_sorted [n]), counts [E] -> [n, dim], as three grouped
     GEMMs, without reading anything back to the host.
@@ -201,16 +216,8 @@ def _grouped_experts(xs, e_sorted, counts, w1, w2, w3, limit):
     offs[e]) by b[e]; offs is int32. Each expert's block is padded with zero rows to a multiple of
     GROUP_ALIGN, so every block starts on a 16-byte boundary also where the tokens are the contracted
     dimension (the weight-gradient GEMMs of the backward), as the CUTLASS kernel's tile loads want;
-    torchtitan pads the same way. The padded length is bounded by n + E (GROUP_ALIGN - 1) without
-    knowing the counts (no host sync); the slack goes to the last expert as zero rows, which give
-    zero output and zero gradient."""
-    n, n_exp = xs.shape[0], counts.shape[0]
-    padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN               # [E]
-    rank = torch.arange(n, device=xs.device) - (counts.cumsum(0) - counts)[e_sorted]
-    dest = (padded.cumsum(0) - padded)[e_sorted] + rank        # [n] row of each pair in the padded layout
-    rows = n + n_exp * (GROUP_ALIGN - 1)
-    offs = padded.cumsum(0).to(torch.int32)
-    offs[-1] = rows
+    torchtitan pads the same way."""
+    dest, offs, rows = _padded_layout(e_sorted, counts, GROUP_ALIGN)
     xp = xs.new_zeros(rows, xs.shape[1]).index_copy(0, dest, xs)                   # [rows, dim]
     a = torch._grouped_mm(xp, w1.transpose(1, 2), offs=offs)                       # [rows, inter]
     b = torch._grouped_mm(xp, w3.transpose(1, 2), offs=offs)                       # [rows, inter]
@@ -221,16 +228,11 @@ def _grouped_experts(xs, e_sorted, counts, w1, w2, w3, limit):
 def _fp8_grouped_experts(xs, e_sorted, counts, w1, w2, w3, limit, impl):
     """As _grouped_experts, through the block-scaled FP8 grouped GEMM (kernels/fp8_gemm.py, `--fp8`).
     Each expert's rows are padded to a multiple of 128, the activation scales' block edge, so every
-    block of 128 rows belongs to one expert, block_group[r]; the padded length is again bounded without
-    reading the counts, n + E * 127 rounded up to 128, and the slack goes to the last expert."""
+    block of 128 rows belongs to one expert, block_group[r]."""
     from kernels.fp8_gemm import BLOCK, fp8_grouped_linear
-    n, n_exp = xs.shape[0], counts.shape[0]
-    padded = (counts + BLOCK - 1) // BLOCK * BLOCK                                   # [E]
-    rank = torch.arange(n, device=xs.device) - (counts.cumsum(0) - counts)[e_sorted]
-    dest = (padded.cumsum(0) - padded)[e_sorted] + rank                             # [n]
-    rows = -(-(n + n_exp * (BLOCK - 1)) // BLOCK) * BLOCK
-    starts = torch.arange(0, rows, BLOCK, device=xs.device)                         # [rows / 128]
-    block_group = torch.searchsorted(padded.cumsum(0), starts, right=True).clamp(max=n_exp - 1).int()
+    dest, ends, rows = _padded_layout(e_sorted, counts, BLOCK)
+    starts = torch.arange(0, rows, BLOCK, device=xs.device, dtype=torch.int32)      # [rows / 128]
+    block_group = torch.searchsorted(ends, starts, right=True).int()               # expert of each block
     xp = xs.new_zeros(rows, xs.shape[1]).index_copy(0, dest, xs)                     # [rows, dim]
     h = clamped_glu(fp8_grouped_linear(xp, w1, block_group, impl), fp8_grouped_linear(xp, w3, block_group, impl),
                     limit)                                                           # [rows, inter]
