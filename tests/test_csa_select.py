@@ -95,13 +95,18 @@ def test_decode_splits_rows_and_agrees_with_prefill():
         torch.testing.assert_close(val_t, val[:, t:t + T], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pattern", ["ties", "rising"])
-def test_decode_merge_tree_is_exact(pattern, monkeypatch):
-    """A decode row over 600 entries passes through several merge levels (64-entry tiles, on a GPU too).
+@pytest.mark.parametrize("radix_bits,rank_sort", [(8, True), (8, False), (2, True), (2, False)])
+@pytest.mark.parametrize("pattern", ["ties", "rising", "random"])
+def test_decode_merge_tree_is_exact(pattern, radix_bits, rank_sort, monkeypatch):
+    """A decode row over 600 entries passes through several merge levels (64-entry tiles, on a GPU too),
+    with each threshold search (8 or 2 bits a pass) and each final ordering (ranks or tl.sort).
     'ties': 10 positive scores scattered among exact zeros, so 22 of the top 32 are zeros, which must be
-    the earliest ones; 'rising': scores grow with the index, so every pick sits in the last tiles."""
+    the earliest ones; 'rising': scores grow with the index, so every pick sits in the last tiles;
+    'random': plain random scores."""
     monkeypatch.setattr(csa_select, "_TOPK_TILE", 64)
     monkeypatch.setattr(csa_select, "_TOPK_TILE_FEW_ROWS", 64)
+    monkeypatch.setattr(csa_select, "_RADIX_BITS", radix_bits)
+    monkeypatch.setattr(csa_select, "_RANK_SORT", rank_sort)
     B, S, topk = 2, 600, 32
     q, w, k = indexer_inputs(B, 1, H=4, D=16, S=S, seed=9)
     q, w, k = q.abs(), w.abs(), k.abs()
@@ -109,13 +114,15 @@ def test_decode_merge_tree_is_exact(pattern, monkeypatch):
         positive = torch.randperm(S, generator=torch.Generator().manual_seed(1))[:10].to(k.device)
         sign = torch.full((S,), -1.0, device=k.device).index_fill(0, positive, 1.0)
         k = k * sign[None, :, None]                                  # negative keys score exactly 0
-    else:
+    elif pattern == "rising":
         k = k[:, :1] * (1 + torch.arange(S, device=k.device) / S)[None, :, None]
+    else:
+        q, w, k = indexer_inputs(B, 1, H=4, D=16, S=S, seed=10)
     idx, val = csa_topk(q, w, k, m=4, t0=4 * S, topk=topk, use_kernel=True)
     want_idx, want_val = csa_topk_reference(q, w, k, 4, 4 * S, topk)
     if pattern == "ties":
         assert (want_val == 0).sum() == B * 22
-    else:
+    elif pattern == "rising":
         assert torch.equal(want_idx.sort(-1).values[0, 0], torch.arange(S - topk, S, dtype=torch.int32, device=k.device))
     assert torch.equal(idx, want_idx)
     torch.testing.assert_close(val, want_val, rtol=1e-5, atol=1e-6)
@@ -143,6 +150,22 @@ def test_sparse_attention_equals_reference(t0, L):
     # the sink takes part: without it the output would differ
     without = sparse_attention_reference(q, kv, entries, idx, sink - 1e4, t0, 10)
     assert (without - want_o).abs().max() > 1e-3
+
+
+def test_sparse_attention_large_logits_move_the_reference_point():
+    """Logits that keep growing along the selection (entries scaled up with their index, selected in
+    index order) push the kernel's lazy rescaling through several moves of its reference point."""
+    q, kv, entries, idx, sink = attention_inputs(B=2, T=6, n_h=4, c=32, S=64, topk=48, L=15, seed=4)
+    q = q * 4
+    entries = entries * torch.linspace(0.1, 3.0, 64, device=entries.device)[None, :, None]
+    idx = idx.masked_fill(idx < 0, 1 << 20).sort(dim=-1).values     # ascending, empty slots last
+    idx = idx.masked_fill(idx == 1 << 20, -1)
+    o, lse = sparse_attention(q, kv, entries, idx, sink, 40, window_size=10, use_kernel=True, return_lse=True)
+    want_o, want_lse = sparse_attention_reference(q, kv, entries, idx, sink, 40, 10, return_lse=True)
+    logits = torch.einsum("bthc,bsc->bths", q, entries) * 32 ** -0.5 * 1.4426950408889634   # log2 units
+    assert logits.amax() - sink.amax() > 3 * 8                    # several moves of the reference point
+    torch.testing.assert_close(o, want_o, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
 
 
 def test_sparse_attention_gradient_through_fallback():
