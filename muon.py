@@ -304,46 +304,63 @@ class Muon(torch.optim.Optimizer):
                 self._adamw_step(group)
         return loss
 
+    # Both rules below work on lists: every parameter of the group at once, through torch._foreach_*
+    # (one multi-tensor kernel, or one C++ loop, per operation instead of a Python loop over hundreds
+    # of parameters), and on each rank's local shards (`_local`: views, so the in-place ops update the
+    # FSDP2 DTensors and the DTensor states): a step is host-bound for small models, and an op on a
+    # DTensor costs several times an op on a plain tensor in Python dispatch. The states stay DTensors
+    # shaped like their parameters, so distributed checkpoints save and reshard them as before.
+
     def _muon_step(self, group):
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        params, updates = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad)        # sharded like p under FSDP2
-            M, G = _local(state["momentum_buffer"]), _local(p.grad)      # this rank's shards
-            M.mul_(mu).add_(G)                                           # M = mu M + G
-            params.append(p)
-            update = G.add(M, alpha=mu) if group["nesterov"] else M      # Nesterov: mu M + G
-            updates.append(update.to(iteration_dtype(update.device)))    # kept until all are done
-        for p, O in zip(params, _orthogonalise(params, updates, NS_SCHEDULES[group["ns_schedule"]])):
-            W = _local(p)
-            W.mul_(1 - lr * wd)                                          # decoupled weight decay
-            W.add_(O, alpha=-lr * update_scale(p.shape))                 # p.shape: the whole matrix's
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)   # sharded like p under FSDP2
+        M = [_local(self.state[p]["momentum_buffer"]) for p in params]       # this rank's shards
+        G = [_local(p.grad) for p in params]
+        torch._foreach_mul_(M, mu)
+        torch._foreach_add_(M, G)                                            # M = mu M + G
+        U = torch._foreach_add(G, M, alpha=mu) if group["nesterov"] else M   # Nesterov: mu M + G
+        updates = [u.to(iteration_dtype(u.device)) for u in U]               # kept until all are done
+        del U
+        ortho = _orthogonalise(params, updates, NS_SCHEDULES[group["ns_schedule"]])
+        W = [_local(p) for p in params]
+        torch._foreach_mul_(W, 1 - lr * wd)                                  # decoupled weight decay
+        by_scale = {}                                                        # one add per update scale
+        for i, p in enumerate(params):
+            by_scale.setdefault(update_scale(p.shape), []).append(i)         # p.shape: the whole matrix's
+        for scale, members in by_scale.items():
+            torch._foreach_add_([W[i] for i in members], [ortho[i] for i in members], alpha=-lr * scale)
 
     def _adamw_step(self, group):
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            g = p.grad
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
             state = self.state[p]
             if "step" not in state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p)
+                state["step"] = torch.tensor(0.0)                # per parameter, on the CPU, as torch's
+                state["exp_avg"] = torch.zeros_like(p)           # DTensors under FSDP2, like p
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            step = state["step"].item()
-            p.mul_(1 - lr * wd)
-            state["exp_avg"].lerp_(g, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            bias_correction1 = 1 - beta1 ** step
-            bias_correction2 = 1 - beta2 ** step
-            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(eps)
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / bias_correction1)
+        states = [self.state[p] for p in params]
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1.0)
+        steps = [s.item() for s in steps]                        # CPU tensors: no device sync
+        W, G = [_local(p) for p in params], [_local(p.grad) for p in params]
+        m, v = [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states]
+        torch._foreach_mul_(W, 1 - lr * wd)                      # decoupled weight decay
+        torch._foreach_lerp_(m, G, 1 - beta1)                    # m = beta1 m + (1 - beta1) g
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, G, G, value=1 - beta2)        # v = beta2 v + (1 - beta2) g^2
+        denom = torch._foreach_sqrt(v)                           # sqrt(v / (1 - beta2^t)) + eps
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(W, m, denom, [-lr / (1 - beta1 ** t) for t in steps])   # W -= lr m_hat / denom
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.1,

@@ -257,18 +257,24 @@ def test_classic_muon_matches_torch_muon():
 
 
 def test_adamw_part_matches_torch_adamw():
+    # Our AdamW runs over a group's parameters at once (torch._foreach_*); the reference is torch's
+    # per-parameter loop (foreach=False). One parameter misses a step (no gradient), so the group's
+    # parameters are at different step counts (bias corrections) afterwards; a group without decay too.
     torch.manual_seed(0)
-    shapes = [(7,), (9, 5)]
-    ours = [nn.Parameter(torch.randn(s)) for s in shapes]
+    shapes, no_decay = [(7,), (9, 5), (3, 4, 2)], [(6,)]
+    ours = [nn.Parameter(torch.randn(s)) for s in shapes + no_decay]
     theirs = [nn.Parameter(p.detach().clone()) for p in ours]
-    opt = Muon([dict(params=ours, use_muon=False)], lr=1e-2, weight_decay=0.1)
-    ref = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
-    for _ in range(4):
-        for a, b in zip(ours, theirs):
-            a.grad = torch.randn(a.shape)
-            b.grad = a.grad.clone()
+    opt = Muon([dict(params=ours[:3], use_muon=False), dict(params=ours[3:], use_muon=False, weight_decay=0.0)],
+               lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW([dict(params=theirs[:3]), dict(params=theirs[3:], weight_decay=0.0)],
+                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    for step in range(5):
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            a.grad = None if (i == 1 and step == 1) else torch.randn(a.shape)
+            b.grad = None if a.grad is None else a.grad.clone()
         opt.step()
         ref.step()
+    assert [opt.state[p]["step"].item() for p in ours] == [5, 4, 5, 5]
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.data, b.data, rtol=1e-6, atol=1e-7)
 
