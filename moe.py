@@ -374,16 +374,15 @@ class MoE(nn.Module):
                 "cv": (load.std(unbiased=False) / mean).item()}
 
     @torch.no_grad()
-    def update_bias(self, gamma: float = 1e-3) -> dict:
+    def update_bias(self, gamma: float = 1e-3) -> None:
         """Aux-loss-free balancing, after optimizer.step(): bias += gamma * sign(mean(load) - load),
-        then zero the counts. Returns load_stats() of the counts it used. Under FSDP / data parallel
-        all-reduce (sum) `load` over the ranks first, so that every rank applies the same update.
-        Hash layers have no bias: only the counts are reset."""
-        stats = self.load_stats()
+        then zero the counts. Under FSDP / data parallel all-reduce (sum) `load` over the ranks first,
+        so that every rank applies the same update. Hash layers have no bias: only the counts are reset.
+        Nothing here reads a value back to the host (load_stats() does: call it before, when logging),
+        so the host can queue the next step while this one still runs on the GPU."""
         if not self.gate.hash:
             self.gate.bias += gamma * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
-        return stats
 
     # --- official checkpoint layout ---------------------------------------------------------------
 
