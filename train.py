@@ -41,9 +41,9 @@ from model import PRESETS, ModelConfig, Transformer
 from moe import MoE
 from muon import build_optimizer
 
-H200_BF16_PEAK = 989e12
+H200_BF16_PEAK = 989e12   # dense bf16 FLOP/s of an H100/H200 SXM by the datasheet, for MFU
 # DCP without torchrun is the one-process case we mean; say nothing about it.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # dense bf16 FLOP/s of an H100/H200 SXM by the datasheet, for MFU
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -103,6 +103,12 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward pass (less memory, ~30%% more compute)")
+    g.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="FSDP2 (torchrun): free each block's all-gathered parameters after its forward "
+                        "and gather them again in the backward (least memory). --no-reshard-after-forward "
+                        "keeps them from forward to backward: no second all-gather, at the cost of the "
+                        "unsharded bf16 parameters' memory (~1.1 GB for the small preset); good for small "
+                        "models whose step is launch-bound. A speed setting: a resume may change it")
     g.add_argument("--eval-interval", type=int, default=100, help="steps between validation losses")
     g.add_argument("--eval-batches", type=int, default=10, help="batches per validation loss")
     g.add_argument("--log-interval", type=int, default=10,
@@ -227,20 +233,25 @@ def barrier():
         dist.barrier()
 
 
-def shard_model(model: Transformer, device: torch.device) -> None:
+def shard_model(model: Transformer, device: torch.device, reshard_after_forward: bool = True) -> None:
     """FSDP2: fully_shard each block's attention and FFN with bf16 parameters and fp32 gradient
     reduction (on CUDA), then the block itself and the root in fp32: what a block holds directly (its
     norms and mHC parameters), the MoE gates and the root (embedding, head, hc_head, norm; small) stay
-    fp32 as V4 keeps its mHC and gate arithmetic."""
+    fp32 as V4 keeps its mHC and gate arithmetic.
+
+    reshard_after_forward=False keeps each unit's gathered parameters from its forward to its backward
+    (no all-gather in the backward; memory: the unsharded parameters). The root keeps FSDP2's default,
+    which never reshards it after the forward (the backward needs its parameters first)."""
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    reshard = dict(reshard_after_forward=reshard_after_forward)
     for block in list(model.layers) + list(model.mtp):
         if isinstance(block.ffn, MoE):
-            fully_shard(block.ffn.gate, mp_policy=fp32)
-        fully_shard(block.attn, mp_policy=bf16)
-        fully_shard(block.ffn, mp_policy=bf16)
-        fully_shard(block, mp_policy=fp32)
+            fully_shard(block.ffn.gate, mp_policy=fp32, **reshard)
+        fully_shard(block.attn, mp_policy=bf16, **reshard)
+        fully_shard(block.ffn, mp_policy=bf16, **reshard)
+        fully_shard(block, mp_policy=fp32, **reshard)
     fully_shard(model, mp_policy=fp32)
 
 
@@ -349,7 +360,8 @@ def set_indexer_warmup(model: Transformer, on: bool) -> None:
 
 
 def check_resume_compatible(saved: dict, args) -> None:
-    """Arguments that change the model or the data stream must match to resume."""
+    """Arguments that change the model or the data stream must match to resume (speed and memory
+    switches such as --compile or --reshard-after-forward may change)."""
     keys = ["preset", "attention", "ffn", "residual", "set", "data", "seq_len", "batch_size",
             "grad_accum", "seed", "optimizer", "fp8", "steps"]
     diff = [f"{k}: checkpoint {saved.get(k)!r} != now {getattr(args, k)!r}"
@@ -401,7 +413,7 @@ def main(argv=None):
     for block in list(model.layers) + list(model.mtp):
         block.activation_checkpointing = args.activation_checkpointing
     if world > 1:
-        shard_model(model, device)
+        shard_model(model, device, reshard_after_forward=args.reshard_after_forward)
     optimizer = build_optimizer(model, args.optimizer, lr=args.lr, weight_decay=args.weight_decay)
     start_step = 0
     if meta:
