@@ -12,7 +12,9 @@
 #   bash bench/h200_session.sh 7    FSDP2 on 1 and 2 GPUs (20 steps), then 180 steps on 4 GPUs + sample
 #   bash bench/h200_session.sh 8    long T with activation checkpointing, CSA bench, CUDA kernel tests
 #   bash bench/h200_session.sh 9    long T after the checkpointed query chunks; CUDA checks; step time
-#   bash bench/h200_session.sh 10   next: the fused Sinkhorn and FP8 routed experts (tests, benches, step, decode)
+#   bash bench/h200_session.sh 10   the fused Sinkhorn and FP8 routed experts (tests, benches, step, decode)
+#   bash bench/h200_session.sh 11   phase 10 + the third session's kernels (byte-a-pass top-k, lazy rescale)
+#   bash bench/h200_session.sh 12   FSDP2 scaling 1 / 2 / 4 GPUs, with and without resharding after forward
 # Phases 2-5 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here (writes
 # .data/stdlib311.tgz), then call the device with carry=[".data"].
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
@@ -42,13 +44,14 @@ long_run() {  # long_run GPU SECONDS T [flags...]: 3 steps of the whole small pr
   echo "T=$T $* $(grep -h mem_gb out/long$T$gpu/metrics.jsonl 2>/dev/null | tail -n 1)" >> "$OUT/long.log"
 }
 
-fsdp() {  # fsdp N GPUS: tokens/s of the small preset, 8 sequences of 2048 per GPU
-  echo "### FSDP on $1 GPU(s): $2" >> "$OUT/fsdp.log"
-  CUDA_VISIBLE_DEVICES=$2 timeout 150 torchrun --standalone --nproc_per_node $1 --master_port $((29400 + $1)) \
+fsdp() {  # fsdp N GPUS [TAG FLAGS...]: tokens/s of the small preset, 8 sequences of 2048 per GPU
+  local n=$1 gpus=$2 tag=${3:-}; shift 2; [ $# -gt 0 ] && shift
+  echo "### FSDP on $n GPU(s): $gpus $*" >> "$OUT/fsdp.log"
+  CUDA_VISIBLE_DEVICES=$gpus timeout 150 torchrun --standalone --nproc_per_node $n --master_port $((29400 + n)) \
       train.py $SMALL --data /tmp/stdlib311 --steps 20 --log-interval 5 --eval-interval 1000 \
-      --ckpt-interval 1000 --stop-at 19 --out-dir out/fsdp$1 >> "$OUT/fsdp.log" 2>&1
+      --ckpt-interval 1000 --stop-at 19 --out-dir out/fsdp$n$tag "$@" >> "$OUT/fsdp.log" 2>&1
   echo "### exit $?" >> "$OUT/fsdp.log"
-  cp out/fsdp$1/metrics.jsonl "$OUT/fsdp$1.jsonl"
+  cp out/fsdp$n$tag/metrics.jsonl "$OUT/fsdp$n$tag.jsonl"
 }
 
 if [ "$1" = 1 ]; then
@@ -175,6 +178,35 @@ elif [ "$1" = 10 ]; then
     job 3 80 $PY bench/profile_step.py --preset small --set kernels=reference --rows 0
     job 3 80 $PY bench/profile_step.py --preset small --set fp8=True --rows 0 ) &
   wait
+elif [ "$1" = 11 ]; then
+  # the third session's first lease: phase 10's checks of the second session's unmeasured code, plus the
+  # byte-a-pass top-k, the lazily rescaled sparse attention and the paired-K FP8 GEMM candidates
+  ( job 0 240 $PY -m pytest -q tests/test_mhc.py tests/test_fp8_gemm.py tests/test_moe.py tests/test_csa_select.py
+    job 0 120 $PY bench/gpu_check.py ) &
+  ( job 1 220 $PY bench/bench_csa_select.py
+    job 1 120 $PY bench/bench_mhc.py
+    job 1 100 $PY bench/profile_decode.py --preset small --context 4096 --new-tokens 32 --rows 20 ) &
+  ( job 2 420 $PY bench/bench_fp8_gemm.py ) &
+  ( job 3 90 $PY bench/profile_step.py --preset small --rows 30
+    job 3 80 $PY bench/profile_step.py --preset small --set kernels=reference --rows 0
+    job 3 80 $PY bench/profile_step.py --preset small --set fp8=True --rows 0
+    job 3 80 $PY bench/profile_step.py --preset small --set residual=plain --rows 0 ) &
+  wait
+elif [ "$1" = 12 ]; then
+  # FSDP2 scaling after the third session's host-side changes (foreach optimizer on local shards, no
+  # host reads in the bias update), each size alone, resharding after forward on (FSDP2's default) and
+  # off; then where a 4-GPU step's time goes (profile: GPU idle share, NCCL share, host phases)
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  fsdp 1 0
+  fsdp 2 0,1; fsdp 2 0,1 nr --no-reshard-after-forward
+  fsdp 4 0,1,2,3; fsdp 4 0,1,2,3 nr --no-reshard-after-forward
+  echo "### profile, 4 GPUs" >> "$OUT/profile.log"
+  timeout 120 torchrun --standalone --nproc_per_node 4 --master_port 29410 bench/profile_step.py --preset small \
+      --grad-clip 1 --breakdown --no-reshard-after-forward --rows 15 >> "$OUT/profile.log" 2>&1
+  echo "### profile, 1 GPU" >> "$OUT/profile.log"
+  CUDA_VISIBLE_DEVICES=0 timeout 90 $PY bench/profile_step.py --preset small --grad-clip 1 --breakdown \
+      --rows 15 >> "$OUT/profile.log" 2>&1
 elif [ "$1" = 5 ]; then
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
   $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
