@@ -89,12 +89,7 @@ def prefill_case(T):
     scores = torch.empty(1, c, S, device="cuda")
     ms_scores = do_bench(lambda: cs._scores_triton(q[:, T - c:], w[:, T - c:], k, M, T - c, scores), rep=100)
     ms_topk = do_bench(lambda: cs._topk_triton(scores, T - c, M, TOPK), rep=100)
-    print(f"prefill, last {c}-query chunk: scores kernel {ms_scores:.2f} ms + top-k kernels {ms_topk:.2f} ms "
-          f"({cs._RADIX_BITS}-bit passes)")
-    default_bits, cs._RADIX_BITS = cs._RADIX_BITS, 10 - cs._RADIX_BITS          # the other search: 2 <-> 8
-    print(f"  top-k with {cs._RADIX_BITS}-bit passes: "
-          f"{do_bench(lambda: cs._topk_triton(scores, T - c, M, TOPK), rep=100):.2f} ms")
-    cs._RADIX_BITS = default_bits
+    print(f"prefill, last {c}-query chunk: scores kernel {ms_scores:.2f} ms + top-k kernels {ms_topk:.2f} ms")
     del scores
     ROWS.append((f"prefill select T={T // 1024}K S={S}", f"{ms_kernel:.2f} ms", f"{ms_base:.2f} ms",
                  ms_base / ms_kernel, ">= 5x", ms_base / ms_kernel >= 5))
@@ -111,20 +106,8 @@ def decode_case(B, S):
     us_topk = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)
     print(f"decode B={B}: scores kernel {us_scores:.1f} us + top-k kernels {us_topk:.1f} us "
           f"(tile {cs._TOPK_TILE_FEW_ROWS})")
-    want = cs._topk_triton(scores, t0, M, TOPK)[0]
-    for bits, rank_sort in ((8, True), (8, False), (2, True), (2, False)):   # threshold search x ordering
-        default_variant = (cs._RADIX_BITS, cs._RANK_SORT)
-        cs._RADIX_BITS, cs._RANK_SORT = bits, rank_sort
-        try:
-            us = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)
-            same = torch.equal(cs._topk_triton(scores, t0, M, TOPK)[0], want)
-            print(f"  top-k {bits}-bit passes, {'rank' if rank_sort else 'tl.sort'} ordering: {us:.1f} us "
-                  f"(same as default: {same})")
-        except Exception as e:  # noqa: BLE001
-            print(f"  top-k {bits}-bit, rank_sort={rank_sort}: failed ({type(e).__name__}: {str(e)[:100]})")
-        cs._RADIX_BITS, cs._RANK_SORT = default_variant
     default = cs._TOPK_TILE_FEW_ROWS
-    for tile in (2048, 4096, 8192, 16384):        # the top-k tile for few rows: fewer merge levels vs
+    for tile in (4096, 8192, 16384, 32768):        # the top-k tile for few rows: fewer merge levels vs
         cs._TOPK_TILE_FEW_ROWS = tile              # more work per program
         try:
             us = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)

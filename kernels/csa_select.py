@@ -20,17 +20,14 @@ Kernels:
   is K_block @ Q^T, so the entries sit on the MMA's M dimension and the heads on N, and the weighted
   sum over heads is a row reduction of the accumulator.
 - `_tile_topk_kernel`: one program per tile of a row (4096 scores, held in registers). It finds the
-  tile's k-th largest score as a radix select over order-preserving uint32 keys, one byte a pass: a
-  256-bin histogram of the next byte among the keys that share the bytes fixed so far picks the byte
-  whose bins reach k (4 passes at most, stopping once exactly k keys are at or above the threshold;
-  the first design, 2 bits a pass with three counts per reduction, is kept as RADIX_BITS=2 for the
-  benchmark); writes the keys above it and the first ties at it (in index order); and, for a row's
-  last list, orders the result by score, descending, ties by index, each element's place being the
-  number of elements ahead of it (a rank by counting; tl.sort is the alternative). That is exactly "a
-  stable sort, descending, first k", the order attention.py's `csa_select` uses. A row longer than a
-  tile (decode over 262144 entries: 64 tiles) leaves one list per tile; further launches of the same
-  kernel merge groups of lists that fill a tile (8 lists of 512) until one is left. Only reductions,
-  histograms, scans and comparisons: no atomics, so the result never depends on timing.
+  tile's k-th largest score as a radix select over order-preserving uint32 keys, 2 bits a pass (the
+  three counts of a pass share one reduction), stopping once exactly k keys are at or above the
+  threshold; writes the keys above it and the first ties at it (in index order); and, for a row's last
+  list, sorts the result by score, descending, ties by index. That is exactly "a stable sort,
+  descending, first k", the order attention.py's `csa_select` uses. A row longer than a tile (decode
+  over 262144 entries: 64 tiles) leaves one list per tile; further launches of the same kernel merge
+  groups of lists that fill a tile (8 lists of 512) until one is left. Only reductions, scans and a
+  sort: no atomics, so the result never depends on timing.
 - `_sparse_attention_kernel`: one program per (query, group of heads). All heads of the group share
   the one K == V head, so each gathered row is loaded once for all of them (heads on the MMA's M).
   The sink starts the online softmax: running max = sink, running denominator = exp(sink - max) = 1.
@@ -59,11 +56,6 @@ _FEW_ROWS = 128                   # fewer query rows than this: the score kernel
 # bench/bench_csa_select.py sweeps it), so both default to 4096.
 _TOPK_TILE = 64 if _INTERPRET else 4096
 _TOPK_TILE_FEW_ROWS = 64 if _INTERPRET else 4096
-# how the top-k kernel finds a tile's threshold: 8 bits a pass (a 256-bin histogram, 4 passes at most)
-# or 2 bits (three counts, 16 passes at most: the first design); and how the last list is ordered:
-# ranks by counting (RANK_SORT) or tl.sort. bench/bench_csa_select.py times the four combinations.
-_RADIX_BITS = 8
-_RANK_SORT = True
 
 
 def _dot_precision(dtype: torch.dtype):
@@ -213,56 +205,9 @@ def _key_to_float(key):
 
 
 @triton.jit
-def _threshold_2bit(key, n_ge, n_sel):
-    """The largest key thr with at least n_sel keys >= thr, 2 bits a pass from the top. A pass counts
-    the keys >= thr + j 2^shift for j = 1, 2, 3 in one reduction (21-bit fields of an int64; a tile
-    holds < 2^21 keys). Stops once exactly n_sel keys are >= thr. (The first design; 16 serial passes
-    at most, each a block-wide reduction.)"""
-    thr = tl.full([], 0, tl.uint32)
-    shift = 30
-    while (n_ge > n_sel) & (shift >= 0):
-        sh = shift.to(tl.uint32)
-        ge1 = (key >= (thr | (1 << sh))).to(tl.int64)
-        ge2 = (key >= (thr | (2 << sh))).to(tl.int64)
-        ge3 = (key >= (thr | (3 << sh))).to(tl.int64)
-        counts = tl.sum(ge1 + (ge2 << 21) + (ge3 << 42), axis=0)
-        c1 = (counts & 0x1FFFFF).to(tl.int32)
-        c2 = ((counts >> 21) & 0x1FFFFF).to(tl.int32)
-        c3 = (counts >> 42).to(tl.int32)
-        step = (c1 >= n_sel).to(tl.int32) + (c2 >= n_sel).to(tl.int32) + (c3 >= n_sel).to(tl.int32)
-        n_ge = tl.where(step == 3, c3, tl.where(step == 2, c2, tl.where(step == 1, c1, n_ge)))
-        thr = thr | (step.to(tl.uint32) << sh)
-        shift -= 2
-    return thr
-
-
-@triton.jit
-def _threshold_8bit(key, ok, n_ge, n_sel):
-    """The same threshold, 8 bits a pass (4 passes at most): a 256-bin histogram of the next byte of
-    the keys that share thr's higher bytes; the chosen byte is the largest d for which the keys above
-    the current range plus those in bins >= d reach n_sel. Stops once exactly n_sel keys are >= thr."""
-    thr = tl.full([], 0, tl.uint32)
-    n_above = tl.full([], 0, tl.int32)                        # keys above the range thr's prefix spans
-    bins = tl.arange(0, 256)
-    shift = 24
-    while (n_ge > n_sel) & (shift >= 0):
-        sh = shift.to(tl.uint32)
-        in_range = ok & ((key >> sh >> 8) == (thr >> sh >> 8))        # the higher bytes equal thr's
-        hist = tl.histogram(((key >> sh) & 0xFF).to(tl.int32), 256, mask=in_range)     # [256]
-        at_least = n_above + tl.cumsum(hist, axis=0, reverse=True)    # keys >= (prefix, d) for each d
-        d = tl.max(tl.where(at_least >= n_sel, bins, 0), axis=0)
-        n_ge = tl.sum(tl.where(bins == d, at_least, 0), axis=0)
-        n_above = n_ge - tl.sum(tl.where(bins == d, hist, 0), axis=0)
-        thr = thr | (d.to(tl.uint32) << sh)
-        shift -= 8
-    return thr
-
-
-@triton.jit
 def _tile_topk_kernel(val_ptr, src_idx_ptr, out_idx_ptr, out_val_ptr, T, row_len, seg_len, t0, m,
                       stride_in, stride_out, K: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr,
-                      CAUSAL: tl.constexpr, SORT: tl.constexpr, RADIX_BITS: tl.constexpr,
-                      RANK_SORT: tl.constexpr):
+                      CAUSAL: tl.constexpr, SORT: tl.constexpr):
     """Top K of row[lo:hi], lo = segment * seg_len, hi <= lo + seg_len <= lo + TILE, held in registers.
     CAUSAL: the row holds query (row % T)'s scores, hi stops at its visible count, and the output
     indices are positions in the row. Otherwise the row holds candidate lists (-inf = empty slot) whose
@@ -278,13 +223,26 @@ def _tile_topk_kernel(val_ptr, src_idx_ptr, out_idx_ptr, out_val_ptr, T, row_len
     v = tl.load(val_ptr + row * stride_in + offs, mask=offs < bound, other=float("-inf"))   # [TILE]
     ok = (offs < hi) & (v > float("-inf"))
     key = tl.where(ok, _float_to_key(v), 0)                 # every valid key is > 0
-    n_ge = tl.sum(ok.to(tl.int32), axis=0)                  # keys >= thr (thr = 0: all valid ones)
+    n_ge = tl.sum(ok.to(tl.int32), axis=0)                  # keys >= thr
     n_sel = tl.minimum(n_ge, K)
-    # the threshold thr: the largest key with n_sel keys at or above it
-    if RADIX_BITS == 8:
-        thr = _threshold_8bit(key, ok, n_ge, n_sel)
-    else:
-        thr = _threshold_2bit(key, n_ge, n_sel)
+    # the threshold thr: the largest key with n_ge >= n_sel keys at or above it, found 2 bits a pass
+    # from the top. A pass counts the keys >= thr + j 2^shift for j = 1, 2, 3 in one reduction (21-bit
+    # fields of an int64). Stop early once exactly n_sel keys are >= thr.
+    thr = tl.full([], 0, tl.uint32)
+    shift = 30
+    while (n_ge > n_sel) & (shift >= 0):
+        sh = shift.to(tl.uint32)
+        ge1 = (key >= (thr | (1 << sh))).to(tl.int64)
+        ge2 = (key >= (thr | (2 << sh))).to(tl.int64)
+        ge3 = (key >= (thr | (3 << sh))).to(tl.int64)
+        counts = tl.sum(ge1 + (ge2 << 21) + (ge3 << 42), axis=0)           # a tile holds < 2^21 keys
+        c1 = (counts & 0x1FFFFF).to(tl.int32)
+        c2 = ((counts >> 21) & 0x1FFFFF).to(tl.int32)
+        c3 = (counts >> 42).to(tl.int32)
+        step = (c1 >= n_sel).to(tl.int32) + (c2 >= n_sel).to(tl.int32) + (c3 >= n_sel).to(tl.int32)
+        n_ge = tl.where(step == 3, c3, tl.where(step == 2, c2, tl.where(step == 1, c1, n_ge)))
+        thr = thr | (step.to(tl.uint32) << sh)
+        shift -= 2
     # compaction in index order: the keys above thr and the first krem ties at it
     above = key > thr
     tie = ok & (key == thr)
@@ -304,35 +262,18 @@ def _tile_topk_kernel(val_ptr, src_idx_ptr, out_idx_ptr, out_val_ptr, T, row_len
     tl.store(out_idx + j, tl.full([K_PAD], -1, tl.int32), mask=pad)
     tl.store(out_val + j, tl.full([K_PAD], float("-inf"), tl.float32), mask=pad)
     if SORT:
-        # order by score descending, ties by index: by (key << 32 | ~index) as uint64, all distinct.
-        # The barriers separate the threads' stores above from the loads here, and these from the stores.
+        # order by score descending, ties by index: sort (key << 32 | ~index) as uint64. The barriers
+        # separate the threads' stores above from the loads here, and these loads from the stores.
         tl.debug_barrier()
         idx = tl.load(out_idx + j, mask=j < n_sel, other=0)
         key = _float_to_key(tl.load(out_val + j, mask=j < n_sel, other=0.0))
         packed = (key.to(tl.uint64) << 32) | (0xFFFFFFFF - idx.to(tl.uint32)).to(tl.uint64)
-        packed = tl.where(j < n_sel, packed, 0)
-        if RANK_SORT:
-            # rank by counting: rank_i = #{j : packed_j > packed_i}, BJ of the others at a time
-            # (K_PAD^2 comparisons spread over the program's threads, no data-dependent shuffles)
-            rank = tl.zeros([K_PAD], dtype=tl.int32)
-            BJ: tl.constexpr = 16 if K_PAD >= 16 else K_PAD
-            for j0 in range(0, n_sel, BJ):
-                jj = j0 + tl.arange(0, BJ)
-                other_idx = tl.load(out_idx + jj, mask=jj < n_sel, other=0)
-                other_key = _float_to_key(tl.load(out_val + jj, mask=jj < n_sel, other=0.0))
-                other = (other_key.to(tl.uint64) << 32) | (0xFFFFFFFF - other_idx.to(tl.uint32)).to(tl.uint64)
-                other = tl.where(jj < n_sel, other, 0)
-                rank += tl.sum((other[None, :] > packed[:, None]).to(tl.int32), axis=1)
-            tl.debug_barrier()
-            tl.store(out_idx + rank, idx, mask=j < n_sel)
-            tl.store(out_val + rank, _key_to_float(key), mask=j < n_sel)
-        else:
-            packed = tl.sort(packed, descending=True)
-            idx = (0xFFFFFFFF - (packed & 0xFFFFFFFF)).to(tl.int32)
-            val = _key_to_float((packed >> 32).to(tl.uint32))
-            tl.debug_barrier()
-            tl.store(out_idx + j, idx, mask=j < n_sel)
-            tl.store(out_val + j, val, mask=j < n_sel)
+        packed = tl.sort(tl.where(j < n_sel, packed, 0), descending=True)
+        idx = (0xFFFFFFFF - (packed & 0xFFFFFFFF)).to(tl.int32)
+        val = _key_to_float((packed >> 32).to(tl.uint32))
+        tl.debug_barrier()
+        tl.store(out_idx + j, idx, mask=j < n_sel)
+        tl.store(out_val + j, val, mask=j < n_sel)
 
 
 def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
@@ -356,8 +297,7 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
         tile = max(64, triton.next_power_of_2(min(seg_len, row_len)))
         _tile_topk_kernel[(rows, n_prog)](src_val, src_idx, out_idx, out_val, T, row_len, seg_len, t0, m,
                                           src_val.stride(0), out_idx.stride(0), K=topk, K_PAD=K_PAD,
-                                          TILE=tile, CAUSAL=causal, SORT=last, RADIX_BITS=_RADIX_BITS,
-                                          RANK_SORT=_RANK_SORT,
+                                          TILE=tile, CAUSAL=causal, SORT=last,
                                           num_warps=min(16, max(1, tile // 256)))
         if last:
             return idx.view(B, T, topk), val.view(B, T, topk)
@@ -371,27 +311,15 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
 
 @triton.jit
 def _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step (log2 units) of HB heads over BN gathered K == V rows kvb [BN, C].
-
-    Lazy rescaling: m_i is a reference point, not necessarily the running maximum. It moves (and acc, l_i
-    are rescaled by 2^(m_old - m_new)) only when some head's new logits exceed it by more than 8, i.e.
-    a factor 256; otherwise p = 2^(logit - m_i) <= 256 is summed as is, which fp32 holds exactly as well.
-    The result o = acc / l_i and lse = m_i + log2(l_i) do not depend on where m_i sits. The rescale is
-    HB x C multiplies on the CUDA cores per step (64 x 512 at V4-Flash's shape, about a quarter of the
-    step's tensor-core time at BN = 32), so skipping it when nothing grew is the point."""
+    """One online-softmax step (log2 units) of HB heads over BN gathered K == V rows kvb [BN, C]."""
     logits = tl.dot(qb, tl.trans(kvb), input_precision=DOT_PRECISION) * qk_scale  # [HB, BN]
     logits = tl.where(ok[None, :], logits, float("-inf"))
-    m_blk = tl.max(logits, axis=1)                                                # [HB]
-    if tl.max(m_blk - m_i, axis=0) > 8.0:
-        m_new = tl.maximum(m_i, m_blk)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    p = tl.exp2(logits - m_i[:, None])
-    l_i = l_i + tl.sum(p, axis=1)
-    acc = tl.dot(p.to(kvb.dtype), kvb, acc, input_precision=DOT_PRECISION)      # [HB, C]
-    return m_i, l_i, acc
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(logits - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(kvb.dtype), kvb, input_precision=DOT_PRECISION)   # [HB, C]
+    return m_new, l_i, acc
 
 
 @triton.jit
