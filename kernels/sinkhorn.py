@@ -65,7 +65,7 @@ def _softmax_eps(x, inside, eps):
 
 
 @triton.jit
-def _sinkhorn_fwd_kernel(x_ptr, y_ptr, R, n, eps, ITERS: tl.constexpr, BLOCK_R: tl.constexpr, N: tl.constexpr):
+def _sinkhorn_fwd_kernel(x_ptr, y_ptr, R, n, eps: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr, N: tl.constexpr):
     offs, mask, inside = _start(R, n, BLOCK_R, N)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     _, m = _softmax_eps(x, inside, eps)
@@ -76,7 +76,7 @@ def _sinkhorn_fwd_kernel(x_ptr, y_ptr, R, n, eps, ITERS: tl.constexpr, BLOCK_R: 
 
 
 @triton.jit
-def _sinkhorn_bwd_kernel(x_ptr, g_ptr, dx_ptr, R, n, eps, ITERS: tl.constexpr, BLOCK_R: tl.constexpr,
+def _sinkhorn_bwd_kernel(x_ptr, g_ptr, dx_ptr, R, n, eps: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr,
                          N: tl.constexpr):
     offs, mask, inside = _start(R, n, BLOCK_R, N)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -107,7 +107,9 @@ def _launch(kernel, tensors, iters: int, eps: float):
     out = torch.empty_like(x)
     block_r = 16 if n > 4 else 64
     if R:
-        kernel[(triton.cdiv(R, block_r),)](*tensors, out, R, n, eps, ITERS=iters, BLOCK_R=block_r,
+        # eps a compile-time constant: as a runtime argument torch.compile passes it as fp64, which
+        # would promote the fp32 arithmetic
+        kernel[(triton.cdiv(R, block_r),)](*tensors, out, R, n, eps=eps, ITERS=iters, BLOCK_R=block_r,
                                            N=triton.next_power_of_2(n), num_warps=4)
     return out
 
