@@ -67,8 +67,10 @@ def main():
     loss_a.backward()
     loss_b.backward()
     check("fp8 vs bf16 logits", rel(lb, la), 0.2)
+    # measured 0.27 with the attention and shared experts in FP8, 0.31 since the routed experts and wo_a
+    # are too (more FP8 rounding upstream, and router choices it flips); a wrong scale or layout gives ~1
     check("fp8 vs bf16 grad of layers.1.attn.wq_b", rel(fp8.layers[1].attn.wq_b.weight.grad,
-                                                        base.layers[1].attn.wq_b.weight.grad), 0.3)
+                                                        base.layers[1].attn.wq_b.weight.grad), 0.4)
 
     # grouped GEMM vs loop inside a model step
     for m in base.moe_layers():

@@ -15,6 +15,7 @@
 #   bash bench/h200_session.sh 10   the fused Sinkhorn and FP8 routed experts (tests, benches, step, decode)
 #   bash bench/h200_session.sh 11   phase 10 + the third session's kernels (byte-a-pass top-k, lazy rescale)
 #   bash bench/h200_session.sh 12   FSDP2 scaling 1 / 2 / 4 GPUs, with and without resharding after forward
+#   bash bench/h200_session.sh 13   phase 11's checks after the reverts; FSDP2 scaling with --grad-accum 2
 # Phases 2-5 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here (writes
 # .data/stdlib311.tgz), then call the device with carry=[".data"].
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
@@ -207,6 +208,21 @@ elif [ "$1" = 12 ]; then
   echo "### profile, 1 GPU" >> "$OUT/profile.log"
   CUDA_VISIBLE_DEVICES=0 timeout 90 $PY bench/profile_step.py --preset small --grad-clip 1 --breakdown \
       --rows 15 >> "$OUT/profile.log" 2>&1
+elif [ "$1" = 13 ]; then
+  # after phase 11: the reverted top-k / attention kernels and the compile-safe Sinkhorn checked again;
+  # then FSDP2 scaling with 2 micro-batches a step (gradients reduce-scattered once a step), each size
+  # alone, and 4 GPUs with NCCL's Simple protocol (the profile showed RING_LL reduce-scatters)
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  ( job 0 120 $PY bench/gpu_check.py
+    job 0 120 $PY -m pytest -q tests/test_mhc.py ) &
+  ( job 1 120 $PY bench/bench_csa_select.py ) &
+  ( job 2 150 $PY bench/bench_mhc.py ) &
+  wait
+  fsdp 1 0 ga --grad-accum 2
+  fsdp 2 0,1 ga --grad-accum 2
+  fsdp 4 0,1,2,3 ga --grad-accum 2
+  NCCL_PROTO=Simple fsdp 4 0,1,2,3 simple
 elif [ "$1" = 5 ]; then
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
   $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
