@@ -16,6 +16,8 @@
 #   bash bench/h200_session.sh 11   phase 10 + the third session's kernels (byte-a-pass top-k, lazy rescale)
 #   bash bench/h200_session.sh 12   FSDP2 scaling 1 / 2 / 4 GPUs, with and without resharding after forward
 #   bash bench/h200_session.sh 13   phase 11's checks after the reverts; FSDP2 scaling with --grad-accum 2
+#   bash bench/h200_session.sh 14   FSDP2 scaling with NCCL_PROTO=Simple, 1 / 2 / 4 GPUs in one lease
+#   bash bench/h200_session.sh 15   FSDP2 scaling, 45-step runs on 1 / 2 / 4 GPUs
 # Phases 2-5 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here (writes
 # .data/stdlib311.tgz), then call the device with carry=[".data"].
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
@@ -48,9 +50,10 @@ long_run() {  # long_run GPU SECONDS T [flags...]: 3 steps of the whole small pr
 fsdp() {  # fsdp N GPUS [TAG FLAGS...]: tokens/s of the small preset, 8 sequences of 2048 per GPU
   local n=$1 gpus=$2 tag=${3:-}; shift 2; [ $# -gt 0 ] && shift
   echo "### FSDP on $n GPU(s): $gpus $*" >> "$OUT/fsdp.log"
+  rm -rf out/fsdp$n$tag        # a fresh metrics.jsonl (a warm machine keeps the last call's)
   CUDA_VISIBLE_DEVICES=$gpus timeout 150 torchrun --standalone --nproc_per_node $n --master_port $((29400 + n)) \
-      train.py $SMALL --data /tmp/stdlib311 --steps 20 --log-interval 5 --eval-interval 1000 \
-      --ckpt-interval 1000 --stop-at 19 --out-dir out/fsdp$n$tag "$@" >> "$OUT/fsdp.log" 2>&1
+      train.py $SMALL --data /tmp/stdlib311 --steps ${STEPS:-20} --log-interval 5 --eval-interval 1000 \
+      --ckpt-interval 1000 --stop-at $((${STEPS:-20} - 1)) --out-dir out/fsdp$n$tag "$@" >> "$OUT/fsdp.log" 2>&1
   echo "### exit $?" >> "$OUT/fsdp.log"
   cp out/fsdp$n$tag/metrics.jsonl "$OUT/fsdp$n$tag.jsonl"
 }
@@ -223,6 +226,19 @@ elif [ "$1" = 13 ]; then
   fsdp 2 0,1 ga --grad-accum 2
   fsdp 4 0,1,2,3 ga --grad-accum 2
   NCCL_PROTO=Simple fsdp 4 0,1,2,3 simple
+elif [ "$1" = 14 ]; then
+  # FSDP2 scaling with NCCL's Simple protocol, 1 / 2 / 4 GPUs in one lease, and 4 with NCCL's choice
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  fsdp 1 0
+  NCCL_PROTO=Simple fsdp 2 0,1 simple
+  NCCL_PROTO=Simple fsdp 4 0,1,2,3 simple
+  fsdp 4 0,1,2,3
+elif [ "$1" = 15 ]; then
+  # FSDP2 scaling, longer runs (45 steps: nine 5-step rows, the median of those from step 15 on)
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  STEPS=45 fsdp 1 0; STEPS=45 fsdp 2 0,1; STEPS=45 fsdp 4 0,1,2,3
 elif [ "$1" = 5 ]; then
   mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
   $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
