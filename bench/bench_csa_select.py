@@ -106,6 +106,12 @@ def decode_case(B, S):
     us_topk = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)
     print(f"decode B={B}: scores kernel {us_scores:.1f} us + top-k kernels {us_topk:.1f} us "
           f"(tile {cs._TOPK_TILE_FEW_ROWS})")
+    default_warps = cs._TOPK_WARPS_FEW_ROWS
+    for warps in (4, 8, 16):                       # warps per top-k program at few rows
+        cs._TOPK_WARPS_FEW_ROWS = warps
+        us = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)
+        print(f"  top-k {warps:2d} warps: {us:.1f} us")
+    cs._TOPK_WARPS_FEW_ROWS = default_warps
     default = cs._TOPK_TILE_FEW_ROWS
     for tile in (4096, 8192, 16384, 32768):        # the top-k tile for few rows: fewer merge levels vs
         cs._TOPK_TILE_FEW_ROWS = tile              # more work per program
