@@ -13,13 +13,13 @@
 #   bash bench/h200_session.sh 8    long T with activation checkpointing, CSA bench, CUDA kernel tests
 #   bash bench/h200_session.sh 9    long T after the checkpointed query chunks; CUDA checks; step time
 #   bash bench/h200_session.sh 10   the fused Sinkhorn and FP8 routed experts (tests, benches, step, decode)
-#   bash bench/h200_session.sh 11   phase 10 + the third session's kernels (byte-a-pass top-k, lazy rescale)
+#   bash bench/h200_session.sh 11   phase 10 + the third session's kernel variants (since reverted, RESULTS.md)
 #   bash bench/h200_session.sh 12   FSDP2 scaling 1 / 2 / 4 GPUs, with and without resharding after forward
 #   bash bench/h200_session.sh 13   phase 11's checks after the reverts; FSDP2 scaling with --grad-accum 2
 #   bash bench/h200_session.sh 14   FSDP2 scaling with NCCL_PROTO=Simple, 1 / 2 / 4 GPUs in one lease
 #   bash bench/h200_session.sh 15   FSDP2 scaling, 45-step runs on 1 / 2 / 4 GPUs
-# Phases 2-5 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here (writes
-# .data/stdlib311.tgz), then call the device with carry=[".data"].
+# Phases 2-9 and 12-15 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here
+# (writes .data/stdlib311.tgz), then call the device with carry=[".data"].
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
 set -u
 OUT=${OUT:-out/session}
