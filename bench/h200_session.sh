@@ -39,6 +39,11 @@ job() {  # job GPU SECONDS COMMAND...: run on one GPU with a time limit, appendi
   echo "### exit $?" >> "$OUT/gpu$gpu.log"
 }
 
+corpus() {  # the CPU machines' corpus (.data/stdlib311.tgz, see above) unpacked and tokenized, once per call
+  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
+  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+}
+
 long_run() {  # long_run GPU SECONDS T [flags...]: 3 steps of the whole small preset at batch 1 x T;
   # its last metrics row (mem_gb: peak memory) goes to long.log
   local gpu=$1 limit=$2 T=$3; shift 3
@@ -75,8 +80,7 @@ if [ "$1" = 1 ]; then
 elif [ "$1" = 2 ]; then
   # the CPU machines' corpus (Python 3.11's standard library, 9.2M tokens) carried as .data/stdlib311.tgz:
   # the GPU image's own standard library is a trimmed 3.12 (2.8M tokens)
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   DATA="--data /tmp/stdlib311 --eval-interval 50 --ckpt-interval 1000"
   ( job 0 100 $PY -m pytest -q tests/test_fp8_gemm.py tests/test_csa_select.py
     job 0 100 $PY bench/gpu_check.py
@@ -94,8 +98,7 @@ elif [ "$1" = 2 ]; then
     job 3 90 $PY bench/profile_step.py --preset small --set attention=full ffn=dense residual=plain --rows 0 ) &
   wait
 elif [ "$1" = 3 ]; then
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   ( fsdp 1 0; job 0 260 $PY bench/muon_vs_adamw.py --steps 150 --lrs 1e-3 3e-3 --time-budget 240 ) &
   fsdp 2 1,2 &
   ( job 3 330 $PY train.py $SMALL --data /tmp/stdlib311 --eval-interval 50 --steps 200 --out-dir out/small_v4
@@ -104,8 +107,7 @@ elif [ "$1" = 3 ]; then
   wait
   fsdp 4 0,1,2,3
 elif [ "$1" = 4 ]; then
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   ( for T in 8192 16384 32768 65536; do long_run 0 150 $T; done      # peak memory of the whole model
     long_run 0 150 131072 --set max_seq_len=131072 --activation-checkpointing
     job 0 120 $PY -m pytest -q tests/test_csa_select.py tests/test_fp8_gemm.py
@@ -118,8 +120,7 @@ elif [ "$1" = 4 ]; then
   wait
 elif [ "$1" = 6 ]; then
   # the second session's first lease: long T (#3), the longer V4 run (#7), the kernels (#9, #10), decode
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   ( for T in 8192 16384 32768 65536; do long_run 0 100 $T; done      # peak memory of the whole model
     long_run 0 150 131072 --set max_seq_len=131072 --activation-checkpointing ) &
   ( job 1 120 $PY -m pytest -q tests/test_csa_select.py tests/test_fp8_gemm.py
@@ -137,8 +138,7 @@ elif [ "$1" = 6 ]; then
 elif [ "$1" = 7 ]; then
   # FSDP2 scaling: 1 and 2 GPUs for 20 steps each alone, then 4 GPUs training longer (its tok/s is the
   # 4-GPU figure), then a sample from that run
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   fsdp 1 0; fsdp 2 0,1
   echo "### FSDP on 4 GPUs, 180 steps" >> "$OUT/fsdp.log"
   CUDA_VISIBLE_DEVICES=0,1,2,3 timeout 320 torchrun --standalone --nproc_per_node 4 --master_port 29404 \
@@ -149,8 +149,7 @@ elif [ "$1" = 7 ]; then
   job 0 50 $PY sample.py --ckpt out/fsdp4/ckpt.pt --prompt "def parse_args(argv):" --max-new-tokens 120 --temperature 0.7
 elif [ "$1" = 8 ]; then
   # long T with activation checkpointing (#3), CSA kernels again (#10), the CUDA test files
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   long_run 0 150 65536 &
   long_run 1 150 65536 --activation-checkpointing &
   long_run 2 200 131072 --set max_seq_len=131072 --activation-checkpointing &
@@ -160,8 +159,7 @@ elif [ "$1" = 8 ]; then
 elif [ "$1" = 9 ]; then
   # long T after the checkpointed query chunks (attention core and indexer scores), with and without
   # activation checkpointing; CUDA checks and the step time at T=2048 (unchanged path) beside it
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   long_run 0 200 65536 &
   long_run 1 200 65536 --activation-checkpointing &
   long_run 2 260 131072 --set max_seq_len=131072 --activation-checkpointing &
@@ -200,8 +198,7 @@ elif [ "$1" = 12 ]; then
   # FSDP2 scaling after the third session's host-side changes (foreach optimizer on local shards, no
   # host reads in the bias update), each size alone, resharding after forward on (FSDP2's default) and
   # off; then where a 4-GPU step's time goes (profile: GPU idle share, NCCL share, host phases)
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   fsdp 1 0
   fsdp 2 0,1; fsdp 2 0,1 nr --no-reshard-after-forward
   fsdp 4 0,1,2,3; fsdp 4 0,1,2,3 nr --no-reshard-after-forward
@@ -215,8 +212,7 @@ elif [ "$1" = 13 ]; then
   # after phase 11: the reverted top-k / attention kernels and the compile-safe Sinkhorn checked again;
   # then FSDP2 scaling with 2 micro-batches a step (gradients reduce-scattered once a step), each size
   # alone, and 4 GPUs with NCCL's Simple protocol (the profile showed RING_LL reduce-scatters)
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   ( job 0 120 $PY bench/gpu_check.py
     job 0 120 $PY -m pytest -q tests/test_mhc.py ) &
   ( job 1 120 $PY bench/bench_csa_select.py ) &
@@ -228,19 +224,16 @@ elif [ "$1" = 13 ]; then
   NCCL_PROTO=Simple fsdp 4 0,1,2,3 simple
 elif [ "$1" = 14 ]; then
   # FSDP2 scaling with NCCL's Simple protocol, 1 / 2 / 4 GPUs in one lease, and 4 with NCCL's choice
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   fsdp 1 0
   NCCL_PROTO=Simple fsdp 2 0,1 simple
   NCCL_PROTO=Simple fsdp 4 0,1,2,3 simple
   fsdp 4 0,1,2,3
 elif [ "$1" = 15 ]; then
   # FSDP2 scaling, longer runs (45 steps: nine 5-step rows, the median of those from step 15 on)
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   STEPS=45 fsdp 1 0; STEPS=45 fsdp 2 0,1; STEPS=45 fsdp 4 0,1,2,3
 elif [ "$1" = 5 ]; then
-  mkdir -p /tmp/stdlib311 && tar xzf .data/stdlib311.tgz -C /tmp/stdlib311
-  $PY -c "from data import prepare_data; prepare_data('/tmp/stdlib311', vocab_size=8192, cache_dir='cache')" >> "$OUT/env.log" 2>&1
+  corpus
   fsdp 1 0; fsdp 2 0,1; fsdp 4 0,1,2,3     # FSDP2 scaling, each size alone on the machine
 fi
