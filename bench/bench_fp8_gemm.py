@@ -13,7 +13,6 @@ triton.testing.do_bench medians (it clears L2 before every call) over rotating i
     python3 bench/bench_fp8_gemm.py                        # ~3-5 min on an H200, tuning included
     python3 bench/bench_fp8_gemm.py --quick                # two GEMM shapes, a smoke test
     python3 bench/bench_fp8_gemm.py --no-warp-specialize   # drop those tuning candidates
-    python3 bench/bench_fp8_gemm.py --no-k-pair            # drop the K_PAIR (two K slices per step) ones
 """
 
 import argparse
@@ -207,8 +206,6 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two GEMM shapes only")
     parser.add_argument("--no-warp-specialize", action="store_true",
                         help="leave warp-specialised configurations out of the tuning")
-    parser.add_argument("--no-k-pair", action="store_true",
-                        help="leave the K_PAIR configurations (two K slices per loop iteration) out of the tuning")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench measuring time per number (ms)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -216,8 +213,6 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.no_warp_specialize:
         fp8.GEMM_CANDIDATES_LARGE_M[:] = [c for c in fp8.GEMM_CANDIDATES_LARGE_M if not c.warp_specialize]
-    if args.no_k_pair:
-        fp8.GEMM_CANDIDATES_LARGE_M[:] = [c for c in fp8.GEMM_CANDIDATES_LARGE_M if not c.k_pair]
     props = torch.cuda.get_device_properties(0)
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {triton.__version__} | "
           f"{props.name}, {props.multi_processor_count} SMs | "
@@ -257,8 +252,7 @@ def main():
 
 def describe(c):
     return (f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + (" tma" if c.tma else "")
-            + (f" persistent x{c.persistent}" if c.persistent else "") + (" ws" if c.warp_specialize else "")
-            + (" k-pair" if c.k_pair else ""))
+            + (f" persistent x{c.persistent}" if c.persistent else "") + (" ws" if c.warp_specialize else ""))
 
 
 if __name__ == "__main__":

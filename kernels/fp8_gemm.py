@@ -183,35 +183,12 @@ def _dequant_kernel(q_ptr, s_ptr, y_ptr, M, K, stride_qm, stride_ym, stride_sm, 
 
 
 @triton.jit
-def _gemm_k_slice(a, b, a_s_ptrs, b_s_ptrs, kb, in_k, pid_m, offs_m, offs_n, b_row, M, N, K,
-                  stride_am, stride_bn, stride_ask, stride_bsk,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
-    """K slice kb of a tile: (a [BLOCK_M, BLOCK_K], b [BLOCK_N, BLOCK_K], scale [BLOCK_M] of their product).
-    in_k False (kb = ceil(K/128), one past the last slice): the tiles read zeros (masks, or TMA's
-    out-of-bounds fill) and the scale loads as 0, so the slice adds nothing."""
-    if USE_TMA:
-        a_tile = a.load([pid_m * BLOCK_M, kb * BLOCK_K])
-        b_tile = b.load([b_row, kb * BLOCK_K])
-    else:
-        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        a_tile = tl.load(a + offs_m[:, None] * stride_am + k[None, :],
-                         mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        b_tile = tl.load(b + (b_row + tl.arange(0, BLOCK_N))[:, None] * stride_bn + k[None, :],
-                         mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0.0)
-    # no rows past the end (not `(offs_m < M) & in_k`: Triton 3.9's interpreter makes that mask int32)
-    rows = tl.where(in_k, M, 0)
-    scale = (tl.load(a_s_ptrs + kb * stride_ask, mask=offs_m < rows, other=0.0)
-             * tl.load(b_s_ptrs + kb * stride_bsk, mask=in_k, other=0.0))
-    return a_tile, b_tile, scale
-
-
-@triton.jit
 def _fp8_gemm_kernel(a, b, c, a_s_ptr, b_s_ptr, M, N, K,
                      stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
                      NUM_PROGRAMS, block_group_ptr, GROUP_ROWS,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                     GROUPED: tl.constexpr, K_PAIR: tl.constexpr = False):
+                     GROUPED: tl.constexpr):
     """c [M, N] bf16 = block-scaled a [M, K] @ b [N, K].T, e4m3 inputs.
 
     One code path for every variant: NUM_PROGRAMS = number of tiles launches one program per tile, fewer
@@ -220,17 +197,12 @@ def _fp8_gemm_kernel(a, b, c, a_s_ptr, b_s_ptr, M, N, K,
     BLOCK_K = 128 and BLOCK_N divides 128, so each K step sees one scale per row of a and one for b.
     GROUPED (the MoE's experts): b holds E weights of GROUP_ROWS rows each (a multiple of 128), and the
     rows of a come in blocks of 128 that each belong to one expert, block_group_ptr[block]; a tile of a
-    (BLOCK_M divides 128) is multiplied by its block's weight.
-    K_PAIR, an experiment to overlap the scaling with the MMA: each iteration loads two K slices and
-    issues both dots into fresh partials before scaling either, so that the second MMA could run while
-    the first partial is scaled (a wgmma.wait_group 1 rather than 0). Triton 3.9 does not do that: it
-    waits (wait_group 0) after every dot whose result the loop body uses, so for sm_90 this compiles to
-    the plain loop unrolled twice (read in the PTX and SASS, not timed). With an odd number of slices
-    the last pair's second slice is one past the end: zero tiles, scale 0."""
+    (BLOCK_M divides 128) is multiplied by its block's weight."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
     for tile in tl.range(pid, num_pid_m * num_pid_n, NUM_PROGRAMS, warp_specialize=WARP_SPECIALIZE):
         # grouped order: GROUP_M row-tiles sweep the columns together, so their b tiles stay in L2
         group = tile // (GROUP_M * num_pid_n)
@@ -246,21 +218,19 @@ def _fp8_gemm_kernel(a, b, c, a_s_ptr, b_s_ptr, M, N, K,
         a_s_ptrs = a_s_ptr + offs_m * stride_asm                        # [BLOCK_M]
         b_s_ptrs = b_s_ptr + (b_row // BLOCK_K) * stride_bsn            # one 128-row weight block
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, k_tiles, 2 if K_PAIR else 1):
-            # a0 [BLOCK_M, BLOCK_K], b0 [BLOCK_N, BLOCK_K], s0 [BLOCK_M]
-            a0, b0, s0 = _gemm_k_slice(a, b, a_s_ptrs, b_s_ptrs, kb, True, pid_m, offs_m, offs_n, b_row,
-                                       M, N, K, stride_am, stride_bn, stride_ask, stride_bsk,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
-            if K_PAIR:
-                a1, b1, s1 = _gemm_k_slice(a, b, a_s_ptrs, b_s_ptrs, kb + 1, kb + 1 < k_tiles, pid_m,
-                                           offs_m, offs_n, b_row, M, N, K, stride_am, stride_bn,
-                                           stride_ask, stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
-                p0 = tl.dot(a0, tl.trans(b0))                                 # two fresh fp32 partials,
-                p1 = tl.dot(a1, tl.trans(b1))                                 # both issued before either
-                acc += p0 * s0[:, None]                                       # is scaled
-                acc += p1 * s1[:, None]
+        for kb in range(k_tiles):
+            if USE_TMA:
+                a_tile = a.load([pid_m * BLOCK_M, kb * BLOCK_K])                       # [BLOCK_M, BLOCK_K]
+                b_tile = b.load([b_row, kb * BLOCK_K])                                 # [BLOCK_N, BLOCK_K]
             else:
-                acc += tl.dot(a0, tl.trans(b0)) * s0[:, None]                 # fresh fp32 partial
+                k = kb * BLOCK_K + offs_k
+                a_tile = tl.load(a + offs_m[:, None] * stride_am + k[None, :],
+                                 mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+                b_tile = tl.load(b + (b_row + tl.arange(0, BLOCK_N))[:, None] * stride_bn + k[None, :],
+                                 mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0.0)
+            scale = (tl.load(a_s_ptrs + kb * stride_ask, mask=offs_m < M, other=0.0)
+                     * tl.load(b_s_ptrs + kb * stride_bsk))                            # [BLOCK_M]
+            acc += tl.dot(a_tile, tl.trans(b_tile)) * scale[:, None]                  # fresh fp32 partial
         out = acc.to(tl.bfloat16)
         if USE_TMA:
             c.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out)
@@ -380,7 +350,6 @@ class GemmConfig:
     tma: bool = False              # TMA descriptors for a, b, c (needs 16-byte aligned rows)
     persistent: int = 0            # programs per SM, each looping over tiles (0: one program per tile)
     warp_specialize: bool = False  # let Triton split loads and MMA into separate warps
-    k_pair: bool = False           # experiment: two K slices per iteration (K_PAIR in the kernel)
 
 
 # The readable baseline (pointers, one program per tile); used under the interpreter and as the
@@ -400,21 +369,7 @@ GEMM_CANDIDATES_LARGE_M = [
 ] + [
     GemmConfig(block_m, block_n, 8, 4, 3, tma=True, persistent=persistent)
     for block_m, block_n in ((64, 128), (128, 64)) for persistent in (0, 2)
-] + [
-    # three programs per SM: 64 x 128 / 128 x 64 tiles with 2 stages take ~60 KB of shared memory and
-    # ~20K registers each, so three fit, and while one scales its slice the others' MMAs can run
-    GemmConfig(block_m, block_n, 8, 4, 2, tma=True, persistent=persistent)
-    for block_m, block_n in ((64, 128), (128, 64)) for persistent in (0, 3)
-] + [GemmConfig(128, 128, 8, 8, 4)] + [
-    # the K_PAIR experiment. A stage is one loop iteration, here two K slices: 128 x 128 with 3 stages
-    # takes 229 KB of shared memory, the most that fits (4 would take 295 KB); the 4-warp tiles with 2
-    # stages take 115 KB, still two programs per SM.
-    GemmConfig(128, 128, 8, 8, stages, tma=True, persistent=persistent, k_pair=True)
-    for stages in (2, 3) for persistent in (0, 1)
-] + [
-    GemmConfig(block_m, block_n, 8, 4, 2, tma=True, persistent=persistent, k_pair=True)
-    for block_m, block_n in ((64, 128), (128, 64)) for persistent in (0, 2)
-]
+] + [GemmConfig(128, 128, 8, 8, 4)]
 GEMM_CANDIDATES_SMALL_M = [   # decode: memory-bound on the weight; narrow tiles give every SM work
     GemmConfig(64, block_n, 8, 4, stages, tma=True) for block_n in (32, 64, 128) for stages in (3, 5)
 ] + [GemmConfig(64, 64, 8, 4, 4)]
@@ -461,7 +416,7 @@ def _launch_gemm(a, a_s, b, b_s, cfg: GemmConfig, groups=None) -> torch.Tensor:
         c.stride(0), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), programs,
         block_group, group_rows,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK, GROUP_M=cfg.group_m, USE_TMA=cfg.tma,
-        WARP_SPECIALIZE=cfg.warp_specialize, GROUPED=groups is not None, K_PAIR=cfg.k_pair,
+        WARP_SPECIALIZE=cfg.warp_specialize, GROUPED=groups is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return c
 

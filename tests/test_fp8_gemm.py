@@ -3,16 +3,15 @@ is one, else on the CPU through TRITON_INTERPRET=1, set by conftest.py), the UE8
 against fp64, and Fp8Linear against an fp32 linear. Fresh random inputs, ragged shapes (M, N, K not
 multiples of 128)."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 import torch.nn as nn
 
 from kernels.fp8_gemm import (BLOCK, FP8_DTYPE, FP8_MAX, PLAIN_CONFIG, Fp8Linear, GemmConfig, act_quant,
-                              act_quant_ref, convert_to_fp8, dequant, dequant_ref, fp8_gemm, fp8_gemm_ref,
-                              fp8_grouped_gemm, fp8_batched_linear, fp8_grouped_gemm_ref, fp8_grouped_linear,
-                              weight_quant, weight_quant_grouped, weight_quant_ref)
+                              act_quant_ref, convert_to_fp8, dequant, dequant_ref, fp8_gemm, fp8_grouped_gemm,
+                              fp8_batched_linear, fp8_grouped_gemm_ref, fp8_grouped_linear, weight_quant,
+                              weight_quant_grouped,
+                              weight_quant_ref)
 
 SHAPES = [(1, 130), (37, 256), (200, 260)]
 ZERO_BLOCK_SCALE = 2.0 ** -22          # 2^ceil(log2(1e-4 / 448)): the scale of an all-zero block
@@ -132,55 +131,10 @@ def test_gemm_matches_fp64(M, N, K, config):
     assert worst <= 1, f"error reaches {worst:.2f} x the bound"
 
 
-# the K_PAIR experiment (two K slices per loop iteration): K gives an odd number of 128-slices (3, 1),
-# whose last pair reads one slice past the end, or an even one (2, 4); pointers, persistent, TMA
-K_PAIR_CASES = [
-    (200, 130, 260, GemmConfig(k_pair=True)),                                         # 3 slices
-    (1, 130, 384, GemmConfig(k_pair=True)),                                           # 3
-    (130, 70, 100, GemmConfig(k_pair=True)),                                          # 1
-    (37, 200, 512, GemmConfig(64, 32, group_m=2, k_pair=True)),                       # 4
-    (150, 136, 272, GemmConfig(64, 64, group_m=2, persistent=1, k_pair=True)),        # 3
-    (37, 200, 144, GemmConfig(64, 64, group_m=2, tma=True, k_pair=True)),             # 2
-    (200, 136, 400, GemmConfig(64, 32, tma=True, persistent=1, k_pair=True)),         # 4
-    (130, 256, 272, GemmConfig(128, 128, num_warps=8, tma=True, k_pair=True)),        # 3
-]
-
-
-def nan_past_last_k_block(s):
-    """s [rows, Kb] as a view whose element one past the last K block, [row, Kb], is NaN."""
-    return torch.cat([s, torch.full_like(s[:, :1], float("nan"))], 1)[:, :-1]
-
-
-@pytest.mark.parametrize("M, N, K, config", K_PAIR_CASES)
-def test_k_pair_gemm_matches_reference(M, N, K, config):
-    a, a_s = act_quant(random_input((M, K), seed=M + K), impl="triton")
-    b, b_s = weight_quant(random_input((N, K), seed=N + K) * 0.02, impl="triton")
-    # the slice past the end must not read its scales (zero tiles times a NaN would be NaN)
-    a_s, b_s = nan_past_last_k_block(a_s), nan_past_last_k_block(b_s)
-    y = fp8_gemm(a, a_s, b, b_s, impl="triton", config=config)
-    ref = fp8_gemm_ref(a, a_s, b, b_s).double()
-    a64 = dequant_ref(a, a_s, 1, torch.float32).double()
-    b64 = dequant_ref(b, b_s, BLOCK, torch.float32).double()
-    # the bf16 roundings of y and of the reference (2^-7 and 2^-8 relative), and the accumulation as
-    # in test_gemm_matches_fp64
-    accumulation = 2.0 ** -13 if y.is_cuda else 1e-5
-    bound = ref.abs() * 2.0 ** -6 + accumulation * (a64.abs() @ b64.abs().T)
-    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
-    worst = ((y.double() - ref).abs() / bound).max().item()
-    assert worst <= 1, f"error reaches {worst:.2f} x the bound"
-    # the same fp32 sums in the same order as one slice per iteration, so bit for bit the same (the
-    # slice past the end adds 0 * 0)
-    assert torch.equal(y, fp8_gemm(a, a_s, b, b_s, impl="triton", config=replace(config, k_pair=False)))
-
-
 # grouped (MoE) GEMM: 4 blocks of 128 rows for experts [2, 0, 2, 3] of 4 (expert 1 gets none), ragged N
-# and K; the pointer path, one persistent, one on TMA descriptors; and the same with K_PAIR, K giving an
-# odd (3) or even (4) number of 128-slices
+# and K; the pointer path, one persistent, one on TMA descriptors
 GROUPED_CASES = [(200, 130, PLAIN_CONFIG), (136, 272, GemmConfig(64, 32, group_m=2, persistent=1)),
-                 (256, 144, GemmConfig(64, 64, group_m=1, tma=True)),
-                 (200, 260, GemmConfig(k_pair=True)),
-                 (136, 400, GemmConfig(64, 32, group_m=2, persistent=1, k_pair=True)),
-                 (256, 272, GemmConfig(64, 64, group_m=1, tma=True, k_pair=True))]
+                 (256, 144, GemmConfig(64, 64, group_m=1, tma=True))]
 
 
 @pytest.mark.parametrize("N, K, config", GROUPED_CASES)
