@@ -68,10 +68,10 @@ def trace_summary(prof, device: torch.device, annotation: str) -> str:
     compute = [(s, e) for (s, e), k in zip(spans, kernels) if "nccl" not in k.name.lower()]
     busy = merged_length(spans)
     exposed = busy - merged_length(compute)            # NCCL time with no other kernel running
-    return (f"trace of one step (rank 0): wall {wall / 1e3:.1f} ms; kernels {sum(e - s for s, e in spans) / 1e3:.1f} "
-            f"ms summed, NCCL {sum(e - s for s, e in nccl) / 1e3:.1f} ms of them ({exposed / 1e3:.1f} ms with no "
-            f"compute kernel beside); GPU busy {busy / 1e3:.1f} ms (union of kernel intervals), idle "
-            f"{100 * (1 - busy / wall):.1f}%")
+    summed, nccl_ms = sum(e - s for s, e in spans), sum(e - s for s, e in nccl)
+    return (f"trace of one step (rank 0): wall {wall / 1e3:.1f} ms; kernels {summed / 1e3:.1f} ms summed, "
+            f"NCCL {nccl_ms / 1e3:.1f} ms of them ({exposed / 1e3:.1f} ms with no compute kernel beside); "
+            f"GPU busy {busy / 1e3:.1f} ms (union of kernel intervals), idle {100 * (1 - busy / wall):.1f}%")
 
 
 def main():

@@ -65,7 +65,8 @@ def _softmax_eps(x, inside, eps):
 
 
 @triton.jit
-def _sinkhorn_fwd_kernel(x_ptr, y_ptr, R, n, eps: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr, N: tl.constexpr):
+def _sinkhorn_fwd_kernel(x_ptr, y_ptr, R, n, eps: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr,
+                         N: tl.constexpr):
     offs, mask, inside = _start(R, n, BLOCK_R, N)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     _, m = _softmax_eps(x, inside, eps)
@@ -76,8 +77,8 @@ def _sinkhorn_fwd_kernel(x_ptr, y_ptr, R, n, eps: tl.constexpr, ITERS: tl.conste
 
 
 @triton.jit
-def _sinkhorn_bwd_kernel(x_ptr, g_ptr, dx_ptr, R, n, eps: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr,
-                         N: tl.constexpr):
+def _sinkhorn_bwd_kernel(x_ptr, g_ptr, dx_ptr, R, n, eps: tl.constexpr, ITERS: tl.constexpr,
+                         BLOCK_R: tl.constexpr, N: tl.constexpr):
     offs, mask, inside = _start(R, n, BLOCK_R, N)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
