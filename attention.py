@@ -236,8 +236,9 @@ def visible_entries(positions: torch.Tensor, n_entries: int, ratio: int) -> torc
 
 @torch.no_grad()
 def csa_select(index_q, index_w, index_keys, positions, ratio: int, topk: int) -> torch.Tensor:
-    """Indices [B, T, topk] of each query's top-k visible entries by indexer score, -1 where fewer are
-    visible. Scores are computed in query chunks so memory stays O(chunk * N); no gradient.
+    """Indices [B, T, topk] of each query's top-k visible entries by indexer score, in index order, -1
+    in the last slots where fewer are visible. Scores are computed in query chunks so memory stays
+    O(chunk * N); no gradient.
     This function and sparse_attention are the plain references for kernels/csa_select.py."""
     B, T = index_q.shape[:2]
     N = index_keys.shape[1]
@@ -254,7 +255,8 @@ def csa_select(index_q, index_w, index_keys, positions, ratio: int, topk: int) -
         value, idx = scores.sort(dim=-1, descending=True, stable=True)
         value, idx = value[..., :k], idx[..., :k]                                # [B, chunk, k]
         out[:, s:s + chunk, :k] = idx.masked_fill(value == float("-inf"), -1)
-    return out
+    # in index order, empty slots last, as the kernel returns them (attention ignores the order)
+    return out.gather(-1, out.masked_fill(out < 0, 1 << 62).argsort(dim=-1))
 
 
 def indexer_kl(p_entries: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -110,18 +110,19 @@ def decode_case(B, S):
     for warps in (4, 8, 16):                       # warps per top-k program at few rows
         cs._TOPK_WARPS_FEW_ROWS = warps
         us = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)
-        print(f"  top-k {warps:2d} warps: {us:.1f} us")
+        same = torch.equal(cs._topk_triton(scores, t0, M, TOPK)[0], cs._topk_triton(scores, t0, M, TOPK)[0])
+        print(f"  top-k {warps:2d} warps: {us:.1f} us (deterministic: {same})")
     cs._TOPK_WARPS_FEW_ROWS = default_warps
-    default = cs._TOPK_TILE_FEW_ROWS
-    for tile in (4096, 8192, 16384, 32768):        # the top-k tile for few rows: fewer merge levels vs
-        cs._TOPK_TILE_FEW_ROWS = tile              # more work per program
-        try:
-            us = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)
-            same = torch.equal(cs._topk_triton(scores, t0, M, TOPK)[0], cs._topk_triton(scores, t0, M, TOPK)[0])
-            print(f"  top-k tile {tile:6d}: {us:.1f} us (deterministic: {same})")
-        except Exception as e:  # noqa: BLE001 -- a tile too big for this GPU's registers
-            print(f"  top-k tile {tile:6d}: failed ({type(e).__name__}: {str(e)[:100]})")
-    cs._TOPK_TILE_FEW_ROWS = default
+    for n in (2048, 4096):                         # one level of the merge tree alone: one tile of n scores
+        part = scores[..., :n].contiguous()
+        us = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(part, t0, M, TOPK), rep=50)
+        print(f"  top-k of one {n}-score row per sequence (one launch): {us:.1f} us")
+    default = cs._SCORE_CHUNK_FEW_ROWS
+    for chunk in (512, 1024, 2048, 4096):          # entries per score program at few rows
+        cs._SCORE_CHUNK_FEW_ROWS = chunk
+        us = 1e3 * do_bench_cudagraph(lambda: cs._scores_triton(q, w, k, M, t0, scores), rep=50)
+        print(f"  scores, {chunk} entries a program: {us:.1f} us ({B * S * D * 2 / us / 1e6:.2f} TB/s of keys)")
+    cs._SCORE_CHUNK_FEW_ROWS = default
     ROWS.append((f"decode select B={B} S={S // 1024}K", f"{us_kernel:.1f} us", f"{us_base:.1f} us",
                  us_base / us_kernel, "< 40 us", us_kernel < 40))
 

@@ -13,6 +13,7 @@ triton.testing.do_bench medians (it clears L2 before every call) over rotating i
     python3 bench/bench_fp8_gemm.py                        # ~3-5 min on an H200, tuning included
     python3 bench/bench_fp8_gemm.py --quick                # two GEMM shapes, a smoke test
     python3 bench/bench_fp8_gemm.py --no-warp-specialize   # drop those tuning candidates
+    python3 bench/bench_fp8_gemm.py --pair-ablation        # best with / without K slices in pairs
 """
 
 import argparse
@@ -28,6 +29,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels.fp8_gemm as fp8  # noqa: E402
+
+PAIR_ABLATION = False          # --pair-ablation
 
 L2_BYTES = 50 * 2**20            # H200 L2; inputs rotate over enough copies to exceed it several times
 GEMM_SHAPES = [                  # (M, N, K)
@@ -141,6 +144,17 @@ def bench_gemm(M, N, K, rep_ms):
         x, w, *_ = next_input()
         torch.matmul(x, w.t())
 
+    if PAIR_ABLATION and M > 64:   # the best configuration with and without K slices in pairs
+        everything = list(fp8.GEMM_CANDIDATES_LARGE_M)
+        for pair in (False, True):
+            fp8.GEMM_CANDIDATES_LARGE_M[:] = [c for c in everything if c.pair == pair]
+            fp8._tuned.clear()
+            cfg = fp8.tuned_gemm_config(a, a_s, b, b_s)
+            print(f"  ({M}, {N}, {K}) best {'with' if pair else 'without'} pairs: "
+                  f"{tflops(triton_step(cfg)):.1f} TFLOP/s ({describe(cfg)})")
+        fp8.GEMM_CANDIDATES_LARGE_M[:] = everything
+        fp8._tuned.clear()
+        config = fp8.tuned_gemm_config(a, a_s, b, b_s)
     return dict(shape=(M, N, K), config=config, triton=tflops(triton_step(config)),
                 plain=tflops(triton_step(fp8.PLAIN_CONFIG)),
                 cublas=tflops(cublas_step) if cublas else float("nan"), cublas_note=cublas_note,
@@ -206,11 +220,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two GEMM shapes only")
     parser.add_argument("--no-warp-specialize", action="store_true",
                         help="leave warp-specialised configurations out of the tuning")
+    parser.add_argument("--pair-ablation", action="store_true",
+                        help="also print the best configuration with and without K slices in pairs")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench measuring time per number (ms)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_fp8_gemm.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
+    global PAIR_ABLATION
+    PAIR_ABLATION = args.pair_ablation
     if args.no_warp_specialize:
         fp8.GEMM_CANDIDATES_LARGE_M[:] = [c for c in fp8.GEMM_CANDIDATES_LARGE_M if not c.warp_specialize]
     props = torch.cuda.get_device_properties(0)
@@ -252,7 +270,8 @@ def main():
 
 def describe(c):
     return (f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + (" tma" if c.tma else "")
-            + (f" persistent x{c.persistent}" if c.persistent else "") + (" ws" if c.warp_specialize else ""))
+            + (f" persistent x{c.persistent}" if c.persistent else "") + (" ws" if c.warp_specialize else "")
+            + (" pair" if c.pair else ""))
 
 
 if __name__ == "__main__":

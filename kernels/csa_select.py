@@ -22,12 +22,13 @@ Kernels:
 - `_tile_topk_kernel`: one program per tile of a row (4096 scores, held in registers). It finds the
   tile's k-th largest score as a radix select over order-preserving uint32 keys, 2 bits a pass (the
   three counts of a pass share one reduction), stopping once exactly k keys are at or above the
-  threshold; writes the keys above it and the first ties at it (in index order); and, for a row's last
-  list, sorts the result by score, descending, ties by index. That is exactly "a stable sort,
-  descending, first k", the order attention.py's `csa_select` uses. A row longer than a tile (decode
+  threshold; and writes the keys above it and the first ties at it, in index order. The set is exactly
+  that of "a stable sort, descending, first k" (attention.py's `csa_select`); it stays in index order,
+  as attention does not care about the order (a final sort by score cost 2.6 of the 35 us of a decode
+  top-k on an H200, `bench/bench_csa_select.py`). A row longer than a tile (decode
   over 262144 entries: 64 tiles) leaves one list per tile; further launches of the same kernel merge
-  groups of lists that fill a tile (8 lists of 512) until one is left. Only reductions, scans and a
-  sort: no atomics, so the result never depends on timing.
+  groups of lists that fill a tile (8 lists of 512) until one is left. Only reductions and scans: no
+  atomics, so the result never depends on timing.
 - `_sparse_attention_kernel`: one program per (query, group of heads). All heads of the group share
   the one K == V head, so each gathered row is loaded once for all of them (heads on the MMA's M).
   The sink starts the online softmax: running max = sink, running denominator = exp(sink - max) = 1.
@@ -50,6 +51,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 _SCORE_BUFFER_ELEMS = 2 ** 28     # fp32 scores kept at once (1 GiB); longer prefills go in query chunks
 _FEW_ROWS = 128                   # fewer query rows than this: the score kernel takes shorter entry chunks
+_SCORE_CHUNK_FEW_ROWS = 1024      # entries per score program for few rows (4096 for many)
 # scores one top-k program holds (tiny in the CPU tests: many tiles). For a few long rows (decode) a
 # bigger tile means fewer merge levels but more serial work per program; on an H200 4096 was the fastest
 # for one row of 262144 (37.7 us, against 47.1 / 54.8 / 82.8 us for 8192 / 16384 / 32768:
@@ -86,15 +88,18 @@ def indexer_scores_reference(q, w, k, m: int, t0: int) -> torch.Tensor:
 
 
 def csa_topk_reference(q, w, k, m: int, t0: int, topk: int):
-    """(idx int32 [B, T, topk], scores fp32 [B, T, topk]): a stable descending sort, first topk, so
-    ties go to the earlier entry; -1 and -inf where fewer than topk entries are visible."""
+    """(idx int32 [B, T, topk], scores fp32 [B, T, topk]): the first topk of a stable descending sort, so
+    ties go to the earlier entry, then put in index order; -1 and -inf in the last slots where fewer
+    than topk entries are visible."""
     scores = indexer_scores_reference(q, w, k, m, t0)
     value, idx = scores.sort(dim=-1, descending=True, stable=True)
     value, idx = value[..., :topk], idx[..., :topk]
     pad = topk - value.shape[-1]                                                  # when S < topk
     value = torch.nn.functional.pad(value, (0, pad), value=float("-inf"))
     idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
-    return idx.masked_fill(value == float("-inf"), -1).int(), value
+    idx = idx.masked_fill(value == float("-inf"), -1)
+    order = idx.masked_fill(idx < 0, 1 << 62).argsort(dim=-1)                    # by index, empty slots last
+    return idx.gather(-1, order).int(), value.gather(-1, order)
 
 
 def sparse_attention_reference(q, kv, entries, entry_idx, attn_sink, t0: int, window_size: int,
@@ -179,7 +184,7 @@ def _scores_triton(q, w, k, m: int, t0: int, out: torch.Tensor):
     if S == 0 or T == 0:
         return
     H_PAD, D_PAD = max(16, triton.next_power_of_2(H)), max(16, triton.next_power_of_2(D))
-    s_chunk = 32 if _INTERPRET else (1024 if B * T < _FEW_ROWS else 4096)   # multiple of every BS
+    s_chunk = 32 if _INTERPRET else (_SCORE_CHUNK_FEW_ROWS if B * T < _FEW_ROWS else 4096)   # multiple of every BS
     args = (q, w, k, out, T, S, t0, m, s_chunk, *q.stride(), *w.stride(), *k.stride(), *out.stride())
     meta = dict(H=H, D=D, H_PAD=H_PAD, D_PAD=D_PAD, DOT_PRECISION=_dot_precision(q.dtype))
     if _INTERPRET:
@@ -208,13 +213,18 @@ def _key_to_float(key):
 
 
 @triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _tile_topk_kernel(val_ptr, src_idx_ptr, out_idx_ptr, out_val_ptr, T, row_len, seg_len, t0, m,
                       stride_in, stride_out, K: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr,
-                      CAUSAL: tl.constexpr, SORT: tl.constexpr):
+                      CAUSAL: tl.constexpr):
     """Top K of row[lo:hi], lo = segment * seg_len, hi <= lo + seg_len <= lo + TILE, held in registers.
     CAUSAL: the row holds query (row % T)'s scores, hi stops at its visible count, and the output
     indices are positions in the row. Otherwise the row holds candidate lists (-inf = empty slot) whose
-    indices are src_idx. Writes K indices (-1 = none) and scores, in index order, or by score when SORT."""
+    indices are src_idx. Writes K indices and scores in index order, then -1 / -inf in the empty slots."""
     row = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     lo = seg * seg_len
@@ -229,19 +239,21 @@ def _tile_topk_kernel(val_ptr, src_idx_ptr, out_idx_ptr, out_val_ptr, T, row_len
     n_ge = tl.sum(ok.to(tl.int32), axis=0)                  # keys >= thr
     n_sel = tl.minimum(n_ge, K)
     # the threshold thr: the largest key with n_ge >= n_sel keys at or above it, found 2 bits a pass
-    # from the top. A pass counts the keys >= thr + j 2^shift for j = 1, 2, 3 in one reduction (21-bit
-    # fields of an int64). Stop early once exactly n_sel keys are >= thr.
+    # from the top. A pass counts the keys >= thr + j 2^shift for j = 1, 2, 3 in one reduction of two
+    # int32s (counts 1 and 2 in 16-bit fields of the first: a tile holds < 2^16 keys). 32-bit arithmetic
+    # on purpose: the pass is bound by instructions per key, and 64-bit packing doubled them. Stop
+    # early once exactly n_sel keys are >= thr.
+    tl.static_assert(TILE < 65536)
     thr = tl.full([], 0, tl.uint32)
     shift = 30
     while (n_ge > n_sel) & (shift >= 0):
         sh = shift.to(tl.uint32)
-        ge1 = (key >= (thr | (1 << sh))).to(tl.int64)
-        ge2 = (key >= (thr | (2 << sh))).to(tl.int64)
-        ge3 = (key >= (thr | (3 << sh))).to(tl.int64)
-        counts = tl.sum(ge1 + (ge2 << 21) + (ge3 << 42), axis=0)           # a tile holds < 2^21 keys
-        c1 = (counts & 0x1FFFFF).to(tl.int32)
-        c2 = ((counts >> 21) & 0x1FFFFF).to(tl.int32)
-        c3 = (counts >> 42).to(tl.int32)
+        lo = tl.where(key >= (thr | (1 << sh)), 1, 0) + tl.where(key >= (thr | (2 << sh)), 1 << 16, 0)
+        hi = tl.where(key >= (thr | (3 << sh)), 1, 0)
+        lo, hi = tl.reduce((lo, hi), 0, _add2)
+        c1 = lo & 0xFFFF
+        c2 = lo >> 16
+        c3 = hi
         step = (c1 >= n_sel).to(tl.int32) + (c2 >= n_sel).to(tl.int32) + (c3 >= n_sel).to(tl.int32)
         n_ge = tl.where(step == 3, c3, tl.where(step == 2, c2, tl.where(step == 1, c1, n_ge)))
         thr = thr | (step.to(tl.uint32) << sh)
@@ -264,26 +276,13 @@ def _tile_topk_kernel(val_ptr, src_idx_ptr, out_idx_ptr, out_val_ptr, T, row_len
     pad = (j >= n_sel) & (j < K)
     tl.store(out_idx + j, tl.full([K_PAD], -1, tl.int32), mask=pad)
     tl.store(out_val + j, tl.full([K_PAD], float("-inf"), tl.float32), mask=pad)
-    if SORT:
-        # order by score descending, ties by index: sort (key << 32 | ~index) as uint64. The barriers
-        # separate the threads' stores above from the loads here, and these loads from the stores.
-        tl.debug_barrier()
-        idx = tl.load(out_idx + j, mask=j < n_sel, other=0)
-        key = _float_to_key(tl.load(out_val + j, mask=j < n_sel, other=0.0))
-        packed = (key.to(tl.uint64) << 32) | (0xFFFFFFFF - idx.to(tl.uint32)).to(tl.uint64)
-        packed = tl.sort(tl.where(j < n_sel, packed, 0), descending=True)
-        idx = (0xFFFFFFFF - (packed & 0xFFFFFFFF)).to(tl.int32)
-        val = _key_to_float((packed >> 32).to(tl.uint32))
-        tl.debug_barrier()
-        tl.store(out_idx + j, idx, mask=j < n_sel)
-        tl.store(out_val + j, val, mask=j < n_sel)
 
 
 def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
     """Top-k of each query's visible scores: scores [B, T, S] fp32 -> (idx int32, value fp32) [B, T, topk].
 
     A row longer than a tile is cut into tiles, each of which keeps its top-k in index order; the next
-    launch merges groups of those lists, tile by tile, until one list is left, which is sorted. Each
+    launch merges groups of those lists, tile by tile, until one list is left: the answer, in index order. Each
     program's output depends only on its inputs, so the result is deterministic (ties: earlier entry)."""
     B, T, S = scores.shape
     rows = B * T
@@ -302,7 +301,7 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
         warps = min(_TOPK_WARPS_FEW_ROWS if few else 16, max(1, tile // 256))
         _tile_topk_kernel[(rows, n_prog)](src_val, src_idx, out_idx, out_val, T, row_len, seg_len, t0, m,
                                           src_val.stride(0), out_idx.stride(0), K=topk, K_PAD=K_PAD,
-                                          TILE=tile, CAUSAL=causal, SORT=last,
+                                          TILE=tile, CAUSAL=causal,
                                           num_warps=warps)
         if last:
             return idx.view(B, T, topk), val.view(B, T, topk)
@@ -468,7 +467,7 @@ def indexer_scores(q, w, k, m: int, t0: int = 0, use_kernel: bool | None = None)
 @torch.no_grad()
 def csa_topk(q, w, k, m: int, t0: int, topk: int, use_kernel: bool | None = None):
     """The lightning indexer's choice: (idx int32 [B, T, topk], scores fp32 [B, T, topk]), each query's
-    top-k visible entries ordered by score, descending, ties to the earlier entry; -1 (score -inf)
+    top-k visible entries by score, ties to the earlier entry, in index order; -1 (score -inf)
     where fewer than topk are visible. Inputs as in `indexer_scores`. No gradient."""
     _check_indexer(q, w, k, m, t0)
     if topk < 1:

@@ -183,12 +183,44 @@ def _dequant_kernel(q_ptr, s_ptr, y_ptr, M, K, stride_qm, stride_ym, stride_sm, 
 
 
 @triton.jit
+def _k_slice(a, b, a_s_ptrs, b_s_ptrs, offs_m, offs_n, offs_k, pid_m, b_row, kb, M, N, K,
+             stride_am, stride_bn, stride_ask, stride_bsk,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """K slice kb: the a tile [BLOCK_M, BLOCK_K], the b tile [BLOCK_N, BLOCK_K], and the scale of each
+    row of their product, a_s[m, kb] * b_s[weight block, kb] [BLOCK_M]."""
+    if USE_TMA:
+        a_tile = a.load([pid_m * BLOCK_M, kb * BLOCK_K])
+        b_tile = b.load([b_row, kb * BLOCK_K])
+    else:
+        k = kb * BLOCK_K + offs_k
+        a_tile = tl.load(a + offs_m[:, None] * stride_am + k[None, :],
+                         mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+        b_tile = tl.load(b + (b_row + tl.arange(0, BLOCK_N))[:, None] * stride_bn + k[None, :],
+                         mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0.0)
+    scale = (tl.load(a_s_ptrs + kb * stride_ask, mask=offs_m < M, other=0.0)
+             * tl.load(b_s_ptrs + kb * stride_bsk))
+    return a_tile, b_tile, scale
+
+
+@triton.jit
+def _scaled_add(acc, x, scale, PIN: tl.constexpr):
+    """acc + x * scale[:, None]. PIN: as side-effecting inline PTX, which LLVM keeps in program order
+    with the (side-effecting) wgmma instructions; the interpreter has no inline PTX."""
+    if PIN:
+        return tl.inline_asm_elementwise("fma.rn.f32 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [x, tl.broadcast_to(scale[:, None], x.shape), acc],
+                                         dtype=tl.float32, is_pure=False, pack=1)
+    else:
+        return acc + x * scale[:, None]
+
+
+@triton.jit
 def _fp8_gemm_kernel(a, b, c, a_s_ptr, b_s_ptr, M, N, K,
                      stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
                      NUM_PROGRAMS, block_group_ptr, GROUP_ROWS,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                     GROUPED: tl.constexpr):
+                     GROUPED: tl.constexpr, PAIR: tl.constexpr, PIN: tl.constexpr):
     """c [M, N] bf16 = block-scaled a [M, K] @ b [N, K].T, e4m3 inputs.
 
     One code path for every variant: NUM_PROGRAMS = number of tiles launches one program per tile, fewer
@@ -197,7 +229,8 @@ def _fp8_gemm_kernel(a, b, c, a_s_ptr, b_s_ptr, M, N, K,
     BLOCK_K = 128 and BLOCK_N divides 128, so each K step sees one scale per row of a and one for b.
     GROUPED (the MoE's experts): b holds E weights of GROUP_ROWS rows each (a multiple of 128), and the
     rows of a come in blocks of 128 that each belong to one expert, block_group_ptr[block]; a tile of a
-    (BLOCK_M divides 128) is multiplied by its block's weight."""
+    (BLOCK_M divides 128) is multiplied by its block's weight. PAIR: two K slices per iteration, so that
+    one slice's MMA runs while the other's partial is scaled (below)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -218,19 +251,39 @@ def _fp8_gemm_kernel(a, b, c, a_s_ptr, b_s_ptr, M, N, K,
         a_s_ptrs = a_s_ptr + offs_m * stride_asm                        # [BLOCK_M]
         b_s_ptrs = b_s_ptr + (b_row // BLOCK_K) * stride_bsn            # one 128-row weight block
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(k_tiles):
-            if USE_TMA:
-                a_tile = a.load([pid_m * BLOCK_M, kb * BLOCK_K])                       # [BLOCK_M, BLOCK_K]
-                b_tile = b.load([b_row, kb * BLOCK_K])                                 # [BLOCK_N, BLOCK_K]
-            else:
-                k = kb * BLOCK_K + offs_k
-                a_tile = tl.load(a + offs_m[:, None] * stride_am + k[None, :],
-                                 mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-                b_tile = tl.load(b + (b_row + tl.arange(0, BLOCK_N))[:, None] * stride_bn + k[None, :],
-                                 mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0.0)
-            scale = (tl.load(a_s_ptrs + kb * stride_ask, mask=offs_m < M, other=0.0)
-                     * tl.load(b_s_ptrs + kb * stride_bsk))                            # [BLOCK_M]
-            acc += tl.dot(a_tile, tl.trans(b_tile)) * scale[:, None]                  # fresh fp32 partial
+        if PAIR:
+            # Triton leaves an MMA in flight only when nothing in the loop reads its result: here the
+            # second slice's partial q, carried into the next iteration. Its MMA is issued last and runs
+            # while the first slice's partial p is scaled; p's MMA is synchronous (its wait retires the
+            # previous q too). q is scaled before the new q's MMA reuses its registers (reading an
+            # accumulator still in flight makes ptxas serialise every MMA: warning C7514). Offline
+            # compile for sm_90 (Triton 3.9): 64 of each 128 scaling FMAs overlap an MMA, against 0.
+            q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            q_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for kp in range(k_tiles // 2):
+                a0, b0, s0 = _k_slice(a, b, a_s_ptrs, b_s_ptrs, offs_m, offs_n, offs_k, pid_m, b_row, 2 * kp,
+                                      M, N, K, stride_am, stride_bn, stride_ask, stride_bsk,
+                                      BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+                a1, b1, s1 = _k_slice(a, b, a_s_ptrs, b_s_ptrs, offs_m, offs_n, offs_k, pid_m, b_row,
+                                      2 * kp + 1, M, N, K, stride_am, stride_bn, stride_ask, stride_bsk,
+                                      BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+                p = tl.dot(a0, tl.trans(b0))                             # waits (and retires q)
+                acc = _scaled_add(acc, q, q_scale, PIN)
+                acc += p * s0[:, None]                                   # overlaps the MMA below
+                q = tl.dot(a1, tl.trans(b1))                             # left in flight
+                q_scale = s1
+            acc += q * q_scale[:, None]
+            if k_tiles % 2 == 1:                                         # an odd number of slices
+                a0, b0, s0 = _k_slice(a, b, a_s_ptrs, b_s_ptrs, offs_m, offs_n, offs_k, pid_m, b_row,
+                                      k_tiles - 1, M, N, K, stride_am, stride_bn, stride_ask, stride_bsk,
+                                      BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+                acc += tl.dot(a0, tl.trans(b0)) * s0[:, None]
+        else:
+            for kb in range(k_tiles):
+                a_tile, b_tile, scale = _k_slice(a, b, a_s_ptrs, b_s_ptrs, offs_m, offs_n, offs_k, pid_m,
+                                                 b_row, kb, M, N, K, stride_am, stride_bn, stride_ask,
+                                                 stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+                acc += tl.dot(a_tile, tl.trans(b_tile)) * scale[:, None]              # fresh fp32 partial
         out = acc.to(tl.bfloat16)
         if USE_TMA:
             c.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out)
@@ -350,6 +403,7 @@ class GemmConfig:
     tma: bool = False              # TMA descriptors for a, b, c (needs 16-byte aligned rows)
     persistent: int = 0            # programs per SM, each looping over tiles (0: one program per tile)
     warp_specialize: bool = False  # let Triton split loads and MMA into separate warps
+    pair: bool = False             # two K slices per iteration: one's MMA overlaps the other's scaling
 
 
 # The readable baseline (pointers, one program per tile); used under the interpreter and as the
@@ -368,6 +422,13 @@ GEMM_CANDIDATES_LARGE_M = [
     GemmConfig(128, 128, 8, 8, 4, tma=True, persistent=1, warp_specialize=True),
 ] + [
     GemmConfig(block_m, block_n, 8, 4, 3, tma=True, persistent=persistent)
+    for block_m, block_n in ((64, 128), (128, 64)) for persistent in (0, 2)
+] + [
+    # pairs: each stage holds two K slices, so 3 stages of 128 x 128 already take 192 KB of shared memory
+    GemmConfig(128, 128, 8, 8, stages, tma=True, persistent=persistent, pair=True)
+    for stages in (2, 3) for persistent in (0, 1)
+] + [
+    GemmConfig(block_m, block_n, 8, 4, 2, tma=True, persistent=persistent, pair=True)
     for block_m, block_n in ((64, 128), (128, 64)) for persistent in (0, 2)
 ] + [GemmConfig(128, 128, 8, 8, 4)]
 GEMM_CANDIDATES_SMALL_M = [   # decode: memory-bound on the weight; narrow tiles give every SM work
@@ -416,7 +477,8 @@ def _launch_gemm(a, a_s, b, b_s, cfg: GemmConfig, groups=None) -> torch.Tensor:
         c.stride(0), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), programs,
         block_group, group_rows,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK, GROUP_M=cfg.group_m, USE_TMA=cfg.tma,
-        WARP_SPECIALIZE=cfg.warp_specialize, GROUPED=groups is not None,
+        WARP_SPECIALIZE=cfg.warp_specialize, GROUPED=groups is not None, PAIR=cfg.pair,
+        PIN=cfg.pair and not _interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return c
 

@@ -108,6 +108,9 @@ GEMM_CASES = [   # (M, N, K, config): the plain kernel, TMA (K and 2N multiples 
     (200, 136, 272, GemmConfig(64, 32, group_m=2, tma=True, persistent=1)),
     (130, 200, 260, GemmConfig(64, 64, group_m=1, persistent=1)),
     (150, 256, 256, GemmConfig(128, 128, num_warps=8, tma=True, persistent=1, warp_specialize=True)),
+    # K slices in pairs: an odd count (3) on pointers, persistent; an even count (4) on TMA
+    (130, 200, 300, GemmConfig(64, 64, group_m=1, persistent=1, pair=True)),
+    (150, 256, 512, GemmConfig(128, 128, num_warps=8, tma=True, pair=True)),
 ]
 
 
@@ -132,9 +135,10 @@ def test_gemm_matches_fp64(M, N, K, config):
 
 
 # grouped (MoE) GEMM: 4 blocks of 128 rows for experts [2, 0, 2, 3] of 4 (expert 1 gets none), ragged N
-# and K; the pointer path, one persistent, one on TMA descriptors
+# and K; the pointer path, one persistent, one on TMA descriptors, one with K slices in pairs
 GROUPED_CASES = [(200, 130, PLAIN_CONFIG), (136, 272, GemmConfig(64, 32, group_m=2, persistent=1)),
-                 (256, 144, GemmConfig(64, 64, group_m=1, tma=True))]
+                 (256, 144, GemmConfig(64, 64, group_m=1, tma=True)),
+                 (136, 400, GemmConfig(64, 32, group_m=2, persistent=1, pair=True))]
 
 
 @pytest.mark.parametrize("N, K, config", GROUPED_CASES)
