@@ -14,9 +14,11 @@ triton.testing.do_bench medians (it clears L2 before every call) over rotating i
     python3 bench/bench_fp8_gemm.py --quick                # two GEMM shapes, a smoke test
     python3 bench/bench_fp8_gemm.py --no-warp-specialize   # drop those tuning candidates
     python3 bench/bench_fp8_gemm.py --pair-ablation        # best with / without K slices in pairs
+    python3 bench/bench_fp8_gemm.py --sweep 8192 8192 8192 # every candidate at one shape
 """
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -222,6 +224,9 @@ def main():
                         help="leave warp-specialised configurations out of the tuning")
     parser.add_argument("--pair-ablation", action="store_true",
                         help="also print the best configuration with and without K slices in pairs")
+    parser.add_argument("--sweep", type=int, nargs=3, metavar=("M", "N", "K"),
+                        help="only time every large-M candidate (and a few variants of the pair ones) at "
+                             "this shape, each over rotating inputs, then exit")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench measuring time per number (ms)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -236,6 +241,9 @@ def main():
           f"{props.name}, {props.multi_processor_count} SMs | "
           f"TMA descriptors: {fp8.TensorDescriptor is not None}")
     start = time.time()
+    if args.sweep:
+        sweep(*args.sweep, args.rep_ms)
+        return
     shapes = QUICK_SHAPES if args.quick else GEMM_SHAPES
     torch.manual_seed(0)
     correct = check_correctness(shapes)
@@ -266,6 +274,25 @@ def main():
     for name, (M, K), gbs, copy_gbs, same_gbs in quant_rows:
         print(f"{'':9s}{name:>13s} {f'[{M}, {K}]':>14s} | {gbs:6.0f} {copy_gbs:12.0f} {same_gbs:16.0f} "
               f"| {gbs / copy_gbs:5.2f} {gbs / same_gbs:13.2f}")
+
+
+def sweep(M, N, K, rep_ms):
+    """TFLOP/s of every large-M candidate at one shape, plus variants of the pair configurations
+    (grouping 4 / 16, two programs per SM), each over rotating inputs."""
+    next_input = rotating(lambda: gemm_inputs(M, N, K), 3 * (M * K + N * K))
+    extra = [dataclasses.replace(c, group_m=g) for c in fp8.GEMM_CANDIDATES_LARGE_M
+             if c.pair and c.block_m == 128 and c.block_n == 128 for g in (4, 16)]
+    extra += [dataclasses.replace(c, persistent=2) for c in fp8.GEMM_CANDIDATES_LARGE_M
+              if c.pair and c.block_m == 128 and c.block_n == 128 and c.persistent == 1]
+    for cfg in [fp8.PLAIN_CONFIG] + fp8.GEMM_CANDIDATES_LARGE_M + extra:
+        def step():
+            _, _, a, a_s, b, b_s, _ = next_input()
+            fp8.fp8_gemm(a, a_s, b, b_s, config=cfg)
+        try:
+            print(f"  ({M}, {N}, {K}) {describe(cfg)}, group {cfg.group_m}: "
+                  f"{2 * M * N * K / median_ms(step, rep_ms) * 1e-9:.1f} TFLOP/s", flush=True)
+        except Exception as e:  # noqa: BLE001 -- report and go on
+            print(f"  ({M}, {N}, {K}) {describe(cfg)}: failed ({type(e).__name__}: {str(e)[:120]})")
 
 
 def describe(c):

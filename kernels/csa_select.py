@@ -8,8 +8,13 @@ At long context these three steps dominate a CSA layer. For each query t at posi
     o[t, h] = sum_j p_j kv_j,  p_j = exp(l_j) / (sum_i exp(l_i) + exp(attn_sink[h])),  l_j = q_h . kv_j * c^-0.5
               j over the selected entries kv_comp[idx[t]] and the window rows at p - n_win + 1 .. p
 
-The official code runs the indexer in FP4 after a Hadamard rotation; here it runs in the input dtype
-(bf16 on a GPU), which the rotation would not change. fp32 inputs (the tests) get full-fp32 dots
+The official code runs the indexer in FP4 after a Hadamard rotation, and V4 keeps the indexer keys in
+FP4 in its KV cache. Here it runs in the input dtype (bf16 on a GPU), which the rotation would not change,
+or, with keys given in FP8 e4m3 and a scale per key (`k_scale`, `quantize_rows`: one power-of-two scale
+per 128-dim row, the activation format of kernels/fp8_gemm.py), in FP8 as V3.2's indexer does: the queries
+are quantised the same way, their scales folded into w, and the dots run on the FP8 tensor cores. Every
+product of two e4m3 values is exact in fp32, so the reference (the same quantised values in fp32) differs
+only in the order of fp32 sums; the keys read per decode step halve. fp32 inputs (the tests) get full-fp32 dots
 (`input_precision="ieee"`), not Triton's TF32 default. Each kernel has a plain PyTorch reference next to
 it (`*_reference`), and the public functions `indexer_scores`, `csa_topk` and `sparse_attention` pick
 the kernel on CUDA and the reference elsewhere (`use_kernel=False` forces the reference).
@@ -47,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8_gemm import BLOCK, FP8_DTYPE, act_quant
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 _SCORE_BUFFER_ELEMS = 2 ** 28     # fp32 scores kept at once (1 GiB); longer prefills go in query chunks
@@ -78,20 +85,42 @@ def visible_counts(T: int, t0: int, m: int, S: int, device) -> torch.Tensor:
     return ((t0 + torch.arange(T, device=device) + 1) // m).clamp(max=S)
 
 
-def indexer_scores_reference(q, w, k, m: int, t0: int) -> torch.Tensor:
-    """I [B, T, S] in fp32, -inf where invisible. The dots run in the input dtype, as the model's do."""
+def quantize_rows(x: torch.Tensor, impl: str = "auto"):
+    """x [..., D], D <= 128 -> (x8 [..., D] e4m3, scale [...] fp32), x ~ x8 * scale[..., None]: one
+    power-of-two scale per row (kernels/fp8_gemm.py's 1x128 activation blocks; impl as there)."""
+    D = x.shape[-1]
+    if D > BLOCK:
+        raise ValueError(f"FP8 indexer rows hold one 1x{BLOCK} block: need a head dim <= {BLOCK}, got {D}")
+    x8, scale = act_quant(x.reshape(-1, D).contiguous(), impl)
+    return x8.view(x.shape), scale[:, 0].contiguous().view(x.shape[:-1])
+
+
+def _fp8_inputs(q, w, impl: str = "auto"):
+    """The FP8 indexer's queries: q [B, T, H, D] in e4m3 and w [B, T, H] (fp32) times each row's scale."""
+    q8, q_scale = quantize_rows(q, impl)
+    return q8, w.float() * q_scale
+
+
+def indexer_scores_reference(q, w, k, m: int, t0: int, k_scale=None) -> torch.Tensor:
+    """I [B, T, S] in fp32, -inf where invisible. The dots run in the input dtype, as the model's do;
+    with k in e4m3 and its scales k_scale [B, S], on the e4m3 values in fp32 (exact products)."""
+    if k_scale is not None:
+        q, w = _fp8_inputs(q, w, impl="reference")
+        q, k = q.float(), k.float()
     dots = torch.einsum("bthd,bsd->btsh", q, k)                                   # [B, T, S, H]
     scores = (dots.float().relu() * w.float()[:, :, None, :]).sum(-1)             # [B, T, S]
+    if k_scale is not None:
+        scores = scores * k_scale.float()[:, None, :]
     s = torch.arange(k.shape[1], device=q.device)
     visible = s[None, :] < visible_counts(q.shape[1], t0, m, k.shape[1], q.device)[:, None]
     return scores.masked_fill(~visible, float("-inf"))
 
 
-def csa_topk_reference(q, w, k, m: int, t0: int, topk: int):
+def csa_topk_reference(q, w, k, m: int, t0: int, topk: int, k_scale=None):
     """(idx int32 [B, T, topk], scores fp32 [B, T, topk]): the first topk of a stable descending sort, so
     ties go to the earlier entry, then put in index order; -1 and -inf in the last slots where fewer
-    than topk entries are visible."""
-    scores = indexer_scores_reference(q, w, k, m, t0)
+    than topk entries are visible. FP8 keys (k_scale) as in `indexer_scores_reference`."""
+    scores = indexer_scores_reference(q, w, k, m, t0, k_scale)
     value, idx = scores.sort(dim=-1, descending=True, stable=True)
     value, idx = value[..., :topk], idx[..., :topk]
     pad = topk - value.shape[-1]                                                  # when S < topk
@@ -134,10 +163,11 @@ def sparse_attention_reference(q, kv, entries, entry_idx, attn_sink, t0: int, wi
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, out_ptr, T, S, t0, m, s_chunk,
-                           sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, so_b, so_t, so_s,
+def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, T, S, t0, m, s_chunk,
+                           sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, sks_b, so_b, so_t, so_s,
                            H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                           BT: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           BT: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           KEY_SCALE: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -165,6 +195,8 @@ def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, out_ptr, T, S, t0, m, s_chunk,
         dots = tl.dot(kb, qT, input_precision=DOT_PRECISION)                      # [BS, BT*H_PAD]
         contrib = tl.maximum(dots, 0.0) * wb[None, :]
         scores = tl.sum(tl.reshape(contrib, [BS, BT, H_PAD]), axis=2)             # [BS, BT]
+        if KEY_SCALE:                                   # FP8 keys: relu(c x) = c relu(x) for c > 0
+            scores *= tl.load(ks_ptr + b * sks_b + s, mask=s < S, other=0.0)[:, None]
         scores = tl.where(s[:, None] < n_vis[None, :], scores, float("-inf"))
         tl.store(out_ptr + b * so_b + tq[None, :].to(tl.int64) * so_t + s[:, None] * so_s, scores,
                  mask=(s[:, None] < S) & (tq[None, :] < T))
@@ -176,17 +208,21 @@ _SCORE_CONFIGS = [triton.Config({"BT": bt, "BS": bs}, num_warps=nw, num_stages=n
 _indexer_scores_tuned = triton.autotune(_SCORE_CONFIGS, key=["T", "H", "D"])(_indexer_scores_kernel)
 
 
-def _scores_triton(q, w, k, m: int, t0: int, out: torch.Tensor):
+def _scores_triton(q, w, k, m: int, t0: int, out: torch.Tensor, k_scale=None):
     """Write I for queries q [B, T, H, D] into out [B, T, S] (fp32). Only entries below the last query's
-    visible count are written; invisible ones among them get -inf."""
+    visible count are written; invisible ones among them get -inf. FP8: q and k in e4m3, the queries'
+    scales already in w, k_scale [B, S] the keys' (see `_fp8_inputs`)."""
     B, T, H, D = q.shape
     S = k.shape[1]
     if S == 0 or T == 0:
         return
     H_PAD, D_PAD = max(16, triton.next_power_of_2(H)), max(16, triton.next_power_of_2(D))
     s_chunk = 32 if _INTERPRET else (_SCORE_CHUNK_FEW_ROWS if B * T < _FEW_ROWS else 4096)   # multiple of every BS
-    args = (q, w, k, out, T, S, t0, m, s_chunk, *q.stride(), *w.stride(), *k.stride(), *out.stride())
-    meta = dict(H=H, D=D, H_PAD=H_PAD, D_PAD=D_PAD, DOT_PRECISION=_dot_precision(q.dtype))
+    ks = out if k_scale is None else k_scale                                     # (not read without FP8)
+    args = (q, w, k, ks, out, T, S, t0, m, s_chunk, *q.stride(), *w.stride(), *k.stride(), ks.stride(0),
+            *out.stride())
+    meta = dict(H=H, D=D, H_PAD=H_PAD, D_PAD=D_PAD, DOT_PRECISION=_dot_precision(q.dtype),
+                KEY_SCALE=k_scale is not None)
     if _INTERPRET:
         _indexer_scores_kernel[(triton.cdiv(T, 2), triton.cdiv(S, s_chunk), B)](*args, **meta, BT=2, BS=16)
     else:
@@ -439,7 +475,7 @@ def _want_kernel(use_kernel, *tensors) -> bool:
     return bool(use_kernel)
 
 
-def _check_indexer(q, w, k, m, t0):
+def _check_indexer(q, w, k, m, t0, k_scale=None):
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, D], got shape {tuple(q.shape)}")
     B, T, H, D = q.shape
@@ -447,33 +483,48 @@ def _check_indexer(q, w, k, m, t0):
         raise ValueError(f"w must be [B, T, H] = {(B, T, H)}, got {tuple(w.shape)}")
     if k.dim() != 3 or k.shape[0] != B or k.shape[2] != D:
         raise ValueError(f"k must be [B, S, D] with B = {B}, D = {D}, got {tuple(k.shape)}")
-    if k.dtype != q.dtype:
+    if (k.dtype == FP8_DTYPE) != (k_scale is not None):
+        raise ValueError(f"FP8 keys ({FP8_DTYPE}) come with k_scale [B, S], other keys without; got k "
+                         f"{k.dtype}, k_scale {None if k_scale is None else tuple(k_scale.shape)}")
+    if k_scale is not None:
+        if tuple(k_scale.shape) != (B, k.shape[1]) or k_scale.dtype != torch.float32:
+            raise ValueError(f"k_scale must be fp32 [B, S] = {(B, k.shape[1])}, got {k_scale.dtype} "
+                             f"{tuple(k_scale.shape)}")
+        if q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or D > BLOCK:
+            raise ValueError(f"the FP8 indexer quantises q (bf16/fp16/fp32, head dim <= {BLOCK}) itself; "
+                             f"got {q.dtype}, head dim {D}")
+    elif k.dtype != q.dtype:
         raise ValueError(f"k ({k.dtype}) and q ({q.dtype}) must have the same dtype")
     if m < 1 or t0 < 0:
         raise ValueError(f"need compression ratio m >= 1 and offset t0 >= 0, got m = {m}, t0 = {t0}")
 
 
-def indexer_scores(q, w, k, m: int, t0: int = 0, use_kernel: bool | None = None) -> torch.Tensor:
+def indexer_scores(q, w, k, m: int, t0: int = 0, use_kernel: bool | None = None, k_scale=None) -> torch.Tensor:
     """I [B, T, S] fp32, -inf where invisible. q [B, T, H, D] RoPE'd indexer queries at positions
-    t0 .. t0+T-1, w [B, T, H] weights (already scaled by D^-0.5 H^-0.5), k [B, S, D] compressed keys."""
-    _check_indexer(q, w, k, m, t0)
+    t0 .. t0+T-1, w [B, T, H] weights (already scaled by D^-0.5 H^-0.5), k [B, S, D] compressed keys;
+    FP8: k in e4m3 with k_scale [B, S] (`quantize_rows`), and q is quantised here."""
+    _check_indexer(q, w, k, m, t0, k_scale)
     if not _want_kernel(use_kernel, q, w, k):
-        return indexer_scores_reference(q, w, k, m, t0)
+        return indexer_scores_reference(q, w, k, m, t0, k_scale)
+    if k_scale is not None:
+        q, w = _fp8_inputs(q, w)
     out = torch.full((q.shape[0], q.shape[1], k.shape[1]), float("-inf"), device=q.device)
-    _scores_triton(q, w, k, m, t0, out)
+    _scores_triton(q, w, k, m, t0, out, k_scale)
     return out
 
 
 @torch.no_grad()
-def csa_topk(q, w, k, m: int, t0: int, topk: int, use_kernel: bool | None = None):
+def csa_topk(q, w, k, m: int, t0: int, topk: int, use_kernel: bool | None = None, k_scale=None):
     """The lightning indexer's choice: (idx int32 [B, T, topk], scores fp32 [B, T, topk]), each query's
     top-k visible entries by score, ties to the earlier entry, in index order; -1 (score -inf)
-    where fewer than topk are visible. Inputs as in `indexer_scores`. No gradient."""
-    _check_indexer(q, w, k, m, t0)
+    where fewer than topk are visible. Inputs as in `indexer_scores` (FP8 keys with k_scale). No gradient."""
+    _check_indexer(q, w, k, m, t0, k_scale)
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     if not _want_kernel(use_kernel, q, w, k):
-        return csa_topk_reference(q, w, k, m, t0, topk)
+        return csa_topk_reference(q, w, k, m, t0, topk, k_scale)
+    if k_scale is not None:
+        q, w = _fp8_inputs(q, w)
     B, T = q.shape[:2]
     S = k.shape[1]
     chunk = max(1, _SCORE_BUFFER_ELEMS // max(1, B * S))          # queries whose scores fit the buffer
@@ -481,7 +532,7 @@ def csa_topk(q, w, k, m: int, t0: int, topk: int, use_kernel: bool | None = None
     for c0 in range(0, T, chunk):
         c1 = min(T, c0 + chunk)
         scores = torch.empty(B, c1 - c0, S, dtype=torch.float32, device=q.device)   # [B, chunk, S]
-        _scores_triton(q[:, c0:c1], w[:, c0:c1], k, m, t0 + c0, scores)
+        _scores_triton(q[:, c0:c1], w[:, c0:c1], k, m, t0 + c0, scores, k_scale)
         parts.append(_topk_triton(scores, t0 + c0, m, topk))
     if len(parts) == 1:
         return parts[0]
