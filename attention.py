@@ -149,7 +149,8 @@ class Compressor(nn.Module):
         return apply_rope(self.norm(entries), positions, inv_freq)
 
     def forward(self, x: torch.Tensor, pos0: int, inv_freq: list[float], cache: CompressorCache | None = None):
-        """All entries visible after x (tokens pos0 ..) is taken in: [B, N, c] in x's dtype."""
+        """All entries visible after x (tokens pos0 ..) is taken in: [B, N, c] in x's dtype; from an FP8
+        cache (the indexer's, ModelConfig.index_fp8) as it keeps them: (e4m3 [B, N, c], scale [B, N])."""
         kv, score = self.project(x, pos0)
         if cache is None:
             return self.pool(kv, score, 0, inv_freq).to(x.dtype)
@@ -157,10 +158,10 @@ class Compressor(nn.Module):
         score = torch.cat([cache.score_rows, score], dim=1)
         first = (pos0 - cache.kv_rows.shape[1]) // self.ratio
         done, end = pos0 // self.ratio, pos0 + x.shape[1]
-        cache.entries.append(self.pool(kv, score, first, inv_freq)[:, done - first:])
+        cache.append_entries(self.pool(kv, score, first, inv_freq)[:, done - first:])
         keep = max(0, end // self.ratio - (1 if self.overlap else 0)) * self.ratio - first * self.ratio
         cache.kv_rows, cache.score_rows = kv[:, keep:], score[:, keep:]
-        return cache.entries.view().to(x.dtype)
+        return cache.entries_view(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,12 +236,18 @@ def visible_entries(positions: torch.Tensor, n_entries: int, ratio: int) -> torc
 
 
 @torch.no_grad()
-def csa_select(index_q, index_w, index_keys, positions, ratio: int, topk: int) -> torch.Tensor:
+def csa_select(index_q, index_w, index_keys, positions, ratio: int, topk: int, key_scale=None) -> torch.Tensor:
     """Indices [B, T, topk] of each query's top-k visible entries by indexer score, in index order, -1
     in the last slots where fewer are visible. Scores are computed in query chunks so memory stays
     O(chunk * N); no gradient.
-    This function and sparse_attention are the plain references for kernels/csa_select.py."""
+    This function and sparse_attention are the plain references for kernels/csa_select.py.
+    key_scale [B, N]: the keys are e4m3 (ModelConfig.index_fp8); the queries are quantised the same way,
+    one scale per row folded into index_w, and the products of e4m3 values are exact in fp32."""
     B, T = index_q.shape[:2]
+    if key_scale is not None:
+        from kernels.csa_select import fp8_queries
+        index_q, index_w = fp8_queries(index_q, index_w, impl="reference")
+        index_q, index_keys = index_q.float(), index_keys.float()
     N = index_keys.shape[1]
     out = torch.full((B, T, topk), -1, dtype=torch.long, device=index_q.device)
     k = min(topk, N)
@@ -249,6 +256,8 @@ def csa_select(index_q, index_w, index_keys, positions, ratio: int, topk: int) -
     chunk = max(1, 2 ** 25 // (B * N * index_q.shape[2]))
     for s in range(0, T, chunk):
         scores = indexer_scores(index_q[:, s:s + chunk], index_w[:, s:s + chunk], index_keys)
+        if key_scale is not None:
+            scores = scores * key_scale.float()[:, None, :]
         scores = scores.masked_fill(~visible_entries(positions[s:s + chunk], N, ratio), float("-inf"))
         # a stable sort, not topk: relu makes exact ties (score 0) common, and they must go the same
         # way (to the earlier entry) however the sequence was chunked
@@ -385,13 +394,31 @@ class GrowingBuffer:
 
 class CompressorCache:
     """Fixed-size state (fp32 rows of the incomplete block, and of the previous block for CSA) plus the
-    growing compressed entries."""
+    growing compressed entries; with fp8, entries in e4m3 and a power-of-two scale each (the indexer's
+    keys under ModelConfig.index_fp8: half the bytes of bf16, and what the FP8 top-k reads)."""
 
-    def __init__(self, batch_size: int, compressor: Compressor, device, dtype):
+    def __init__(self, batch_size: int, compressor: Compressor, device, dtype, fp8: bool = False):
         width = compressor.wkv.out_features
         self.kv_rows = torch.zeros(batch_size, 0, width, device=device)
         self.score_rows = torch.zeros(batch_size, 0, width, device=device)
-        self.entries = GrowingBuffer(batch_size, compressor.head_dim, device, dtype)
+        self.entries = GrowingBuffer(batch_size, compressor.head_dim, device, torch.float8_e4m3fn if fp8 else dtype)
+        self.scales = GrowingBuffer(batch_size, 1, device, torch.float32) if fp8 else None
+        self.dtype = dtype
+
+    def append_entries(self, rows: torch.Tensor):
+        if self.scales is None:
+            self.entries.append(rows)
+        else:
+            from kernels.csa_select import quantize_rows
+            rows8, scale = quantize_rows(rows.to(self.dtype))               # [B, n, c] e4m3, [B, n]
+            # (rounded to the cache dtype first, as the forward without a cache rounds to x's dtype)
+            self.entries.append(rows8)
+            self.scales.append(scale[..., None])
+
+    def entries_view(self, dtype):
+        if self.scales is None:
+            return self.entries.view().to(dtype)
+        return self.entries.view(), self.scales.view()[..., 0]
 
 
 class AttentionCache:
@@ -399,15 +426,16 @@ class AttentionCache:
     and the compressors' caches. Full twin: every K == V row (in `kv`)."""
 
     def __init__(self, batch_size, window, head_dim, device, dtype, compressor=None, index_compressor=None,
-                 full=False):
-        """compressor / index_compressor: the Compressor modules whose caches to keep (or None)."""
+                 full=False, index_fp8=False):
+        """compressor / index_compressor: the Compressor modules whose caches to keep (or None);
+        index_fp8: the indexer's entries in FP8."""
         self.pos = 0
         self.window = window
         self.kv = GrowingBuffer(batch_size, head_dim, device, dtype) if full else None
         self.ring = None if full else torch.zeros(batch_size, window, head_dim, device=device, dtype=dtype)
         self.compressor = None if compressor is None else CompressorCache(batch_size, compressor, device, dtype)
         self.indexer = None if index_compressor is None else \
-            CompressorCache(batch_size, index_compressor, device, dtype)
+            CompressorCache(batch_size, index_compressor, device, dtype, fp8=index_fp8)
 
     def window_rows(self) -> torch.Tensor:
         """The min(pos, n_win - 1) rows before pos, oldest first: [B, P, c]."""
@@ -488,11 +516,13 @@ class Attention(nn.Module):
 
     def new_cache(self, batch_size: int, device=None, dtype=torch.float32) -> AttentionCache:
         return AttentionCache(batch_size, self.window_size, self.head_dim, device, dtype,
-                              self.compressor, self.indexer.compressor if self.uses_topk else None, self.full)
+                              self.compressor, self.indexer.compressor if self.uses_topk else None, self.full,
+                              index_fp8=self.cfg.index_fp8)
 
     def cache_bytes(self, T: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
         """Bytes this layer's cache holds at context length T: K == V rows, entries and indexer keys in
-        `dtype`; the compressors' state rows in fp32 (counted at their full 2m rows for CSA, m for HCA)."""
+        `dtype` (indexer keys in e4m3 plus an fp32 scale under index_fp8); the compressors' state rows in
+        fp32 (counted at their full 2m rows for CSA, m for HCA)."""
         size = torch.empty(0, dtype=dtype).element_size()
         if self.full:
             return batch_size * T * self.head_dim * size
@@ -500,7 +530,9 @@ class Attention(nn.Module):
         for comp in self.compressors_cached():
             width = comp.wkv.out_features                                      # coff * c
             state_rows = (width // comp.head_dim) * comp.ratio                 # 2m for CSA, m for HCA
-            total += 2 * state_rows * width * 4 + (T // comp.ratio) * comp.head_dim * size
+            fp8 = self.cfg.index_fp8 and self.indexer is not None and comp is self.indexer.compressor
+            per_entry = comp.head_dim + 4 if fp8 else comp.head_dim * size
+            total += 2 * state_rows * width * 4 + (T // comp.ratio) * per_entry
         return batch_size * total
 
     def compressors_cached(self) -> list:
@@ -563,12 +595,21 @@ class Attention(nn.Module):
             if self.uses_topk or train_indexer:
                 index = self.indexer(x.detach(), cq.detach(), pos0, self.inv_freq,
                                      None if cache is None else cache.indexer)  # qI, w, KI
+                qI, wI, kI = index
+                k_scale = None
+                if isinstance(kI, tuple):                   # an FP8 cache's keys: (e4m3, scale)
+                    (kI, k_scale), index = kI, None         # (no training from a cache: index unused)
+                elif self.cfg.index_fp8 and self.uses_topk:
+                    from kernels.csa_select import quantize_rows
+                    kI, k_scale = quantize_rows(kI)
                 if kernels is not None:   # the kernels take one dtype: that of the projections (bf16
-                    qI, wI, kI = index      # under autocast), the compressor's fp32 keys cast to it
-                    entry_idx = kernels.csa_topk(qI, wI, kI.to(qI.dtype), self.compress_ratio, pos0,
-                                                 self.cfg.index_topk)[0]
+                    if k_scale is None:     # under autocast), the compressor's fp32 keys cast to it
+                        kI = kI.to(qI.dtype)
+                    entry_idx = kernels.csa_topk(qI, wI, kI, self.compress_ratio, pos0, self.cfg.index_topk,
+                                                 k_scale=k_scale)[0]
                 elif self.uses_topk:
-                    entry_idx = csa_select(*index, pos, self.compress_ratio, self.cfg.index_topk)   # [B, T, k]
+                    entry_idx = csa_select(qI, wI, kI, pos, self.compress_ratio, self.cfg.index_topk,
+                                           key_scale=k_scale)                                   # [B, T, k]
             if kernels is not None and not train_indexer:   # the KL needs p on each entry: reference
                 o = kernels.sparse_attention(q.to(kv.dtype), window_kv, entries.to(kv.dtype), entry_idx,
                                              self.attn_sink, pos0, self.window_size, self.softmax_scale)

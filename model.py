@@ -74,6 +74,8 @@ class ModelConfig:
     init_std: float = 0.02
     kernels: str = "auto"                # "auto": Triton kernels on CUDA; "reference": plain PyTorch
     fp8: bool = False                    # FP8 block-scaled GEMM for the attention / expert projections
+    index_fp8: bool = False              # the top-k's indexer keys (cached) and queries in FP8 e4m3, one
+                                         # power-of-two scale per row (V3.2's indexer; V4's runs in FP4)
 
     CHOICES = {
         "attention": ("v4", "full"),
@@ -115,6 +117,9 @@ class ModelConfig:
         if self.head_dim % 2 or self.rope_head_dim % 2 or self.rope_head_dim > self.head_dim:
             raise ValueError(f"ModelConfig.rope_head_dim ({self.rope_head_dim}) must be even and at "
                              f"most head_dim ({self.head_dim}), which must be even")
+        if not isinstance(self.index_fp8, bool) or (self.index_fp8 and self.index_head_dim > 128):
+            raise ValueError(f"ModelConfig.index_fp8 must be a bool, and needs index_head_dim <= 128 (one "
+                             f"1x128 scale block per row), got {self.index_fp8!r}, {self.index_head_dim}")
         if self.rope_head_dim > self.index_head_dim:
             raise ValueError(f"ModelConfig.index_head_dim ({self.index_head_dim}) must be at least "
                              f"rope_head_dim ({self.rope_head_dim})")

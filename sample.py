@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weights and cache dtype on CUDA")
     p.add_argument("--fp8", action="store_true", help="FP8 block-scaled GEMM in the projections")
+    p.add_argument("--index-fp8", action="store_true",
+                   help="the lightning indexer in FP8: its cached keys in e4m3 (half the bytes), FP8 top-k")
     p.add_argument("--kernels", choices=["auto", "reference"], default="auto",
                    help="auto: the Triton kernels on CUDA; reference: the plain PyTorch code")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -129,7 +131,8 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     state = load_checkpoint(args.ckpt)
-    state["config"].update(fp8=args.fp8 or state["config"]["fp8"], kernels=args.kernels)
+    state["config"].update(fp8=args.fp8 or state["config"]["fp8"], kernels=args.kernels,
+                           index_fp8=args.index_fp8 or state["config"].get("index_fp8", False))
     if args.max_seq_len is not None:
         if args.max_seq_len < 1:
             raise SystemExit(f"--max-seq-len must be positive, got {args.max_seq_len}")

@@ -69,6 +69,8 @@ def parse_args(argv=None):
     g.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override any ModelConfig field, e.g. --set dim=256 n_layers=6")
     g.add_argument("--fp8", action="store_true", help="FP8 block-scaled GEMM for attention and expert projections")
+    g.add_argument("--index-fp8", action="store_true",
+                   help="the lightning indexer's top-k in FP8: e4m3 keys and queries, one scale per row")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="text file, directory of text files, or token shard "
                    "(.bin/.npy); default: the embedded corpus")
@@ -338,6 +340,7 @@ def build_config(args, vocab_size: int) -> ModelConfig:
     if args.csa_stage:
         overrides["csa_stage"] = args.csa_stage
     overrides["fp8"] = args.fp8 or overrides.get("fp8", False)
+    overrides["index_fp8"] = args.index_fp8 or overrides.get("index_fp8", False)
     overrides["vocab_size"] = vocab_size
     overrides.setdefault("max_seq_len", max(args.seq_len, ModelConfig.from_preset(args.preset).max_seq_len))
     try:

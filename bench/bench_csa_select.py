@@ -134,9 +134,9 @@ def decode_case(B, S):
     err = ((val.sort(-1).values - ref_val.sort(-1).values).abs().max() / ref_val.abs().max()).item()
     print(f"check decode B={B} FP8 keys: selected-score error {err:.1e} -> {'ok' if err < 1e-3 else 'FAILED'}")
     us_fp8 = 1e3 * do_bench_cudagraph(lambda: cs.csa_topk(q, w, k8, M, t0, TOPK, k_scale=k_scale), rep=50)
-    q8, w8 = cs._fp8_inputs(q, w)
+    q8, w8 = cs.fp8_queries(q, w)
     us_scores = 1e3 * do_bench_cudagraph(lambda: cs._scores_triton(q8, w8, k8, M, t0, scores, k_scale), rep=50)
-    us_quant = 1e3 * do_bench_cudagraph(lambda: cs._fp8_inputs(q, w), rep=50)
+    us_quant = 1e3 * do_bench_cudagraph(lambda: cs.fp8_queries(q, w), rep=50)
     print(f"decode B={B} FP8 keys: {us_fp8:.1f} us = query quantisation {us_quant:.1f} us + scores {us_scores:.1f} us "
           f"({B * S * (D + 4) / us_scores / 1e6:.2f} TB/s of keys and scales) + top-k")
     ROWS.append((f"decode select B={B} FP8 keys", f"{us_fp8:.1f} us", f"{us_base:.1f} us",

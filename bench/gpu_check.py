@@ -4,7 +4,8 @@
      PyTorch reference (ModelConfig.kernels = "reference"), on the small preset's real shapes;
   2. chunked prefill + token-by-token decode equals the full forward on CUDA in bf16, with the kernels;
   3. --fp8 (Triton FP8 GEMM) stays within FP8 rounding of the bf16 model, forward and backward;
-  4. the MoE grouped GEMM (torch._grouped_mm) equals the per-expert loop inside a whole model step.
+  4. the MoE grouped GEMM (torch._grouped_mm) equals the per-expert loop inside a whole model step;
+  5. the FP8 indexer (ModelConfig.index_fp8): kernels vs reference, decode from its e4m3 cache.
 
     python bench/gpu_check.py
 Prints one line per check and exits non-zero if one fails.
@@ -55,6 +56,21 @@ def main():
         parts = [model(x[:, :700], cache=cache), model(x[:, 700:1500], cache=cache)]
         parts += [model(x[:, t:t + 1], cache=cache) for t in range(1500, 1532)]
         check("chunked prefill + decode vs forward (kernels, bf16)", rel(torch.cat(parts, 1), kern[:, :1532]), 2e-2)
+
+    # the FP8 indexer (ModelConfig.index_fp8): its kernels (FP8 tensor cores) against the reference on the
+    # same e4m3 values; decode from the e4m3 cache against the full forward; and how far FP8 selection
+    # moves the logits from the bf16 indexer's (other entries chosen where scores nearly tie; a wrong
+    # scale would choose at random)
+    model.cfg.index_fp8 = True
+    kern8 = kernels_against_reference("bf16 (FP8 indexer)", 3e-2)
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        parts = [model(x[:, :700], cache=cache), model(x[:, 700:1500], cache=cache)]
+        parts += [model(x[:, t:t + 1], cache=cache) for t in range(1500, 1532)]
+        check("chunked prefill + decode vs forward (kernels, bf16, FP8 indexer)",
+              rel(torch.cat(parts, 1), kern8[:, :1532]), 2e-2)
+    check("FP8 indexer vs bf16 indexer, logits", rel(kern8, kern), 0.3)
+    model.cfg.index_fp8 = False
 
     # fp8: same weights, fp32 master weights under bf16 autocast as in training
     small = dict(vocab_size=8192, max_seq_len=1024, n_layers=4, compress_ratios=(0, 4, 128, 4))

@@ -18,6 +18,8 @@
 #   bash bench/h200_session.sh 13   phase 11's checks after the reverts; FSDP2 scaling with --grad-accum 2
 #   bash bench/h200_session.sh 14   FSDP2 scaling with NCCL_PROTO=Simple, 1 / 2 / 4 GPUs in one lease
 #   bash bench/h200_session.sh 15   FSDP2 scaling, 45-step runs on 1 / 2 / 4 GPUs
+#   bash bench/h200_session.sh 16   one H200: FP8 GEMM pairs ablation + 8192^3 sweep, CSA bench
+#   bash bench/h200_session.sh 17   one H200: CUDA checks (FP8 indexer), CSA bench, step with / without --fp8
 # Phases 2-9 and 12-15 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here
 # (writes .data/stdlib311.tgz), then call the device with carry=[".data"].
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
@@ -233,6 +235,22 @@ elif [ "$1" = 15 ]; then
   # FSDP2 scaling, longer runs (45 steps: nine 5-step rows, the median of those from step 15 on)
   corpus
   STEPS=45 fsdp 1 0; STEPS=45 fsdp 2 0,1; STEPS=45 fsdp 4 0,1,2,3
+elif [ "$1" = 16 ]; then
+  # the fourth session (one H200): the FP8 GEMM with K slices in pairs, with and without them, and
+  # every candidate at 8192^3; then the CSA kernels after the 32-bit top-k counts, the index-ordered
+  # result and the FP8 indexer
+  job 0 240 $PY -m pytest -q tests/test_fp8_gemm.py tests/test_csa_select.py
+  job 0 480 $PY bench/bench_fp8_gemm.py --pair-ablation
+  job 0 300 $PY bench/bench_fp8_gemm.py --sweep 8192 8192 8192
+  job 0 200 $PY bench/bench_csa_select.py --attention-tokens 4096
+elif [ "$1" = 17 ]; then
+  # the fourth session's last call: model-level checks (the FP8 indexer too), the CSA bench, the step
+  # time of the small preset with and without --fp8
+  job 0 150 $PY -m pytest -q -x tests/test_csa_select.py tests/test_attention.py
+  job 0 150 $PY bench/gpu_check.py
+  job 0 200 $PY bench/bench_csa_select.py --attention-tokens 16384
+  job 0 100 $PY bench/profile_step.py --preset small --rows 0
+  job 0 150 $PY bench/profile_step.py --preset small --set fp8=True --rows 0
 elif [ "$1" = 5 ]; then
   corpus
   fsdp 1 0; fsdp 2 0,1; fsdp 4 0,1,2,3     # FSDP2 scaling, each size alone on the machine

@@ -95,7 +95,7 @@ def quantize_rows(x: torch.Tensor, impl: str = "auto"):
     return x8.view(x.shape), scale[:, 0].contiguous().view(x.shape[:-1])
 
 
-def _fp8_inputs(q, w, impl: str = "auto"):
+def fp8_queries(q, w, impl: str = "auto"):
     """The FP8 indexer's queries: q [B, T, H, D] in e4m3 and w [B, T, H] (fp32) times each row's scale."""
     q8, q_scale = quantize_rows(q, impl)
     return q8, w.float() * q_scale
@@ -105,7 +105,7 @@ def indexer_scores_reference(q, w, k, m: int, t0: int, k_scale=None) -> torch.Te
     """I [B, T, S] in fp32, -inf where invisible. The dots run in the input dtype, as the model's do;
     with k in e4m3 and its scales k_scale [B, S], on the e4m3 values in fp32 (exact products)."""
     if k_scale is not None:
-        q, w = _fp8_inputs(q, w, impl="reference")
+        q, w = fp8_queries(q, w, impl="reference")
         q, k = q.float(), k.float()
     dots = torch.einsum("bthd,bsd->btsh", q, k)                                   # [B, T, S, H]
     scores = (dots.float().relu() * w.float()[:, :, None, :]).sum(-1)             # [B, T, S]
@@ -204,14 +204,14 @@ def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, T, S, t0, m, s_
 
 _SCORE_CONFIGS = [triton.Config({"BT": bt, "BS": bs}, num_warps=nw, num_stages=ns)
                   for bt, bs, nw, ns in [(1, 128, 4, 3), (1, 64, 4, 3), (2, 128, 8, 3), (2, 64, 4, 3),
-                                         (4, 64, 8, 2)]]
+                                         (4, 64, 8, 2), (1, 256, 8, 3), (1, 128, 4, 5)]]
 _indexer_scores_tuned = triton.autotune(_SCORE_CONFIGS, key=["T", "H", "D"])(_indexer_scores_kernel)
 
 
 def _scores_triton(q, w, k, m: int, t0: int, out: torch.Tensor, k_scale=None):
     """Write I for queries q [B, T, H, D] into out [B, T, S] (fp32). Only entries below the last query's
     visible count are written; invisible ones among them get -inf. FP8: q and k in e4m3, the queries'
-    scales already in w, k_scale [B, S] the keys' (see `_fp8_inputs`)."""
+    scales already in w, k_scale [B, S] the keys' (see `fp8_queries`)."""
     B, T, H, D = q.shape
     S = k.shape[1]
     if S == 0 or T == 0:
@@ -507,7 +507,7 @@ def indexer_scores(q, w, k, m: int, t0: int = 0, use_kernel: bool | None = None,
     if not _want_kernel(use_kernel, q, w, k):
         return indexer_scores_reference(q, w, k, m, t0, k_scale)
     if k_scale is not None:
-        q, w = _fp8_inputs(q, w)
+        q, w = fp8_queries(q, w)
     out = torch.full((q.shape[0], q.shape[1], k.shape[1]), float("-inf"), device=q.device)
     _scores_triton(q, w, k, m, t0, out, k_scale)
     return out
@@ -524,7 +524,7 @@ def csa_topk(q, w, k, m: int, t0: int, topk: int, use_kernel: bool | None = None
     if not _want_kernel(use_kernel, q, w, k):
         return csa_topk_reference(q, w, k, m, t0, topk, k_scale)
     if k_scale is not None:
-        q, w = _fp8_inputs(q, w)
+        q, w = fp8_queries(q, w)
     B, T = q.shape[:2]
     S = k.shape[1]
     chunk = max(1, _SCORE_BUFFER_ELEMS // max(1, B * S))          # queries whose scores fit the buffer

@@ -81,7 +81,7 @@ def act_quant_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = x.shape
     xb = F.pad(x.float(), (0, _blocks(K) * BLOCK - K)).view(M, _blocks(K), BLOCK)   # [M, Kb, 128]
     scale = _scale_from_amax(xb.abs().amax(dim=-1))                                   # [M, Kb]
-    q = (xb / scale[..., None]).to(FP8_DTYPE).view(M, -1)[:, :K].contiguous()
+    q = (xb / scale[..., None]).to(FP8_DTYPE).view(M, _blocks(K) * BLOCK)[:, :K].contiguous()
     return q, scale
 
 

@@ -18,6 +18,7 @@ LAYERS = {   # name -> (config overrides, layer id); nano compress_ratios = (0, 
     "csa": ({}, 1),
     "csa_dense": ({"csa_stage": "dense"}, 1),
     "csa_warmup": ({"csa_stage": "warmup"}, 1),
+    "csa_fp8": ({"index_fp8": True}, 1),
     "hca": ({}, 2),
     "full": ({"attention": "full"}, 1),
 }
@@ -293,7 +294,7 @@ def test_decode_equals_chunked_prefill_equals_forward(name):
 
 
 def test_cache_sizes_and_bytes():
-    for name in ["swa", "csa", "hca", "full"]:
+    for name in ["swa", "csa", "csa_fp8", "hca", "full"]:
         cfg, layer = make(name)
         cache = layer.new_cache(1, "cpu", torch.float32)
         with torch.no_grad():
@@ -306,12 +307,17 @@ def test_cache_sizes_and_bytes():
             continue
         assert cache.ring.shape[1] == cfg.window_size                                   # fixed size
         comps = [cc for cc in (cache.compressor, cache.indexer) if cc is not None]
-        assert len(comps) == {"swa": 0, "csa": 2, "hca": 1}[name]
+        assert len(comps) == {"swa": 0, "csa": 2, "csa_fp8": 2, "hca": 1}[name]
+        per_entry = []
         for cc, comp in zip(comps, layer.compressors_cached()):
             assert cc.entries.view().shape[1] == 63 // comp.ratio                       # growing
             assert cc.kv_rows.shape[1] < (2 if comp.overlap else 1) * comp.ratio        # bounded state
+            fp8 = name == "csa_fp8" and cc is cache.indexer                             # e4m3 + fp32 scale
+            assert cc.entries.view().dtype == (torch.float8_e4m3fn if fp8 else torch.float32)
+            assert (cc.scales is not None) == fp8
+            per_entry.append(comp.head_dim + 4 if fp8 else comp.head_dim * size)
         grown = layer.cache_bytes(63 + 64, 1, torch.float32) - layer.cache_bytes(63, 1, torch.float32)
-        assert grown == sum(64 // comp.ratio * comp.head_dim * size for comp in layer.compressors_cached())
+        assert grown == sum(64 // comp.ratio * b for comp, b in zip(layer.compressors_cached(), per_entry))
 
 
 def test_bad_input_raises():

@@ -9,7 +9,7 @@ import torch
 
 from kernels import csa_select
 from kernels.csa_select import (csa_topk, csa_topk_reference, indexer_scores, indexer_scores_reference,
-                                sparse_attention, sparse_attention_reference, visible_counts)
+                                quantize_rows, sparse_attention, sparse_attention_reference, visible_counts)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -192,12 +192,44 @@ def test_sparse_attention_decode_agrees_with_prefill():
         torch.testing.assert_close(one, full[:, t:t + 1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("T,S,t0", [(6, 300, 1000), (24, 80, 0)])
+def test_fp8_indexer_equals_its_reference(T, S, t0):
+    """FP8 keys (e4m3, a power-of-two scale per row) and queries quantised inside: the kernel's scores
+    equal the reference's on the same e4m3 values (exact products, fp32 sums), and the selections agree."""
+    q, w, k = indexer_inputs(B=2, T=T, H=4, D=16, S=S, seed=S + t0)
+    k8, k_scale = quantize_rows(k)
+    assert k8.dtype == torch.float8_e4m3fn and k_scale.shape == (2, S)
+    assert torch.equal(k_scale.log2(), k_scale.log2().round())                    # powers of two
+    assert ((k8.float() * k_scale[..., None] - k).abs() <= k.abs() * 2 ** -4 + 1e-6 * k_scale[..., None]).all()
+    got = indexer_scores(q, w, k8, m=4, t0=t0, use_kernel=True, k_scale=k_scale)
+    want = indexer_scores_reference(q, w, k8, 4, t0, k_scale)
+    assert torch.equal(got == float("-inf"), want == float("-inf"))
+    finite = want > float("-inf")
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+    # FP8 moves the scores by a few percent of their size, not more
+    plain = indexer_scores_reference(q, w, k, 4, t0)
+    assert ((want - plain)[finite].abs().max() < 0.15 * plain[finite].abs().max())
+    idx, val = csa_topk(q, w, k8, 4, t0, 16, use_kernel=True, k_scale=k_scale)
+    want_idx, want_val = csa_topk_reference(q, w, k8, 4, t0, 16, k_scale=k_scale)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(val, want_val, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_inputs_name_the_problem():
     q, w, k = indexer_inputs(B=1, T=2, H=4, D=16, S=8, seed=0)
     with pytest.raises(ValueError, match="w must be"):
         csa_topk(q, w[:, :, :2], k, 4, 0, 4)
     with pytest.raises(ValueError, match="topk"):
         csa_topk(q, w, k, 4, 0, 0)
+    k8, k_scale = quantize_rows(k)
+    with pytest.raises(ValueError, match="k_scale"):
+        csa_topk(q, w, k8, 4, 0, 4)                                       # FP8 keys without scales
+    with pytest.raises(ValueError, match="k_scale"):
+        csa_topk(q, w, k, 4, 0, 4, k_scale=k_scale)                       # scales for bf16/fp32 keys
+    with pytest.raises(ValueError, match="k_scale must be"):
+        csa_topk(q, w, k8, 4, 0, 4, k_scale=k_scale[:, :3])
+    with pytest.raises(ValueError, match="head dim"):
+        quantize_rows(torch.randn(3, 130))
     q, kv, entries, idx, sink = attention_inputs(B=1, T=3, n_h=4, c=32, S=8, topk=4, L=3, seed=0)
     with pytest.raises(ValueError, match="kv must be"):
         sparse_attention(q, kv[:, :2], entries, idx, sink, 5, 4)
