@@ -216,7 +216,9 @@ def _scores_triton(q, w, k, m: int, t0: int, out: torch.Tensor, k_scale=None):
     S = k.shape[1]
     if S == 0 or T == 0:
         return
-    H_PAD, D_PAD = max(16, triton.next_power_of_2(H)), max(16, triton.next_power_of_2(D))
+    # (an FP8 MMA on Hopper takes K in steps of 32: pad the head dim to at least that)
+    H_PAD = max(16, triton.next_power_of_2(H))
+    D_PAD = max(32 if q.dtype == FP8_DTYPE else 16, triton.next_power_of_2(D))
     s_chunk = 32 if _INTERPRET else (_SCORE_CHUNK_FEW_ROWS if B * T < _FEW_ROWS else 4096)   # multiple of every BS
     ks = out if k_scale is None else k_scale                                     # (not read without FP8)
     args = (q, w, k, ks, out, T, S, t0, m, s_chunk, *q.stride(), *w.stride(), *k.stride(), ks.stride(0),

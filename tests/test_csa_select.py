@@ -205,14 +205,24 @@ def test_fp8_indexer_equals_its_reference(T, S, t0):
     want = indexer_scores_reference(q, w, k8, 4, t0, k_scale)
     assert torch.equal(got == float("-inf"), want == float("-inf"))
     finite = want > float("-inf")
-    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+    # bound: the sum of |products| behind each score. On the CPU only the order of fp32 sums differs;
+    # Hopper's FP8 tensor cores accumulate with ~14 bits (the DeepSeek-V3 report), hence 2^-12 there
+    q8, w8 = csa_select.fp8_queries(q, w, impl="reference")
+    size = (torch.einsum("bthd,bsd->btsh", q8.float().abs(), k8.float().abs()) * w8.abs()[:, :, None, :]).sum(-1)
+    size = size * k_scale[:, None, :]
+    tol = 2.0 ** -12 if got.is_cuda else 1e-5
+    assert ((got - want).abs() <= tol * size + 1e-7)[finite].all()
     # FP8 moves the scores by a few percent of their size, not more
     plain = indexer_scores_reference(q, w, k, 4, t0)
     assert ((want - plain)[finite].abs().max() < 0.15 * plain[finite].abs().max())
     idx, val = csa_topk(q, w, k8, 4, t0, 16, use_kernel=True, k_scale=k_scale)
     want_idx, want_val = csa_topk_reference(q, w, k8, 4, t0, 16, k_scale=k_scale)
-    assert torch.equal(idx, want_idx)
-    torch.testing.assert_close(val, want_val, rtol=1e-5, atol=1e-6)
+    assert torch.equal(idx == -1, want_idx == -1)
+    if got.is_cuda:   # near ties may go the other way: the same scores, as sets
+        torch.testing.assert_close(val.sort(-1).values, want_val.sort(-1).values, rtol=0, atol=tol * size.max().item())
+    else:
+        assert torch.equal(idx, want_idx)
+        torch.testing.assert_close(val, want_val, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs_name_the_problem():
