@@ -14,8 +14,9 @@ or, with keys given in FP8 e4m3 and a scale per key (`k_scale`, `quantize_rows`:
 per 128-dim row, the activation format of kernels/fp8_gemm.py), in FP8 as V3.2's indexer does: the queries
 are quantised the same way, their scales folded into w, and the dots run on the FP8 tensor cores. Every
 product of two e4m3 values is exact in fp32, so the reference (the same quantised values in fp32) differs
-only in the order of fp32 sums; the keys read per decode step halve. fp32 inputs (the tests) get full-fp32 dots
-(`input_precision="ieee"`), not Triton's TF32 default. Each kernel has a plain PyTorch reference next to
+only in the order of the sums (and, on Hopper, by the FP8 MMA's ~14-bit accumulation); the bytes read
+per decode step halve. fp32 inputs (the tests) get full-fp32 dots (`input_precision="ieee"`), not
+Triton's TF32 default. Each kernel has a plain PyTorch reference next to
 it (`*_reference`), and the public functions `indexer_scores`, `csa_topk` and `sparse_attention` pick
 the kernel on CUDA and the reference elsewhere (`use_kernel=False` forces the reference).
 
@@ -164,7 +165,8 @@ def sparse_attention_reference(q, kv, entries, entry_idx, attn_sink, t0: int, wi
 
 @triton.jit
 def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, T, S, t0, m, s_chunk,
-                           sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, sks_b, so_b, so_t, so_s,
+                           sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, sks_b,
+                           so_b, so_t, so_s,
                            H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
                            BT: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            KEY_SCALE: tl.constexpr):
@@ -320,8 +322,9 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
     """Top-k of each query's visible scores: scores [B, T, S] fp32 -> (idx int32, value fp32) [B, T, topk].
 
     A row longer than a tile is cut into tiles, each of which keeps its top-k in index order; the next
-    launch merges groups of those lists, tile by tile, until one list is left: the answer, in index order. Each
-    program's output depends only on its inputs, so the result is deterministic (ties: earlier entry)."""
+    launch merges groups of those lists, tile by tile, until one list is left: the answer, in index
+    order. Each program's output depends only on its inputs, so the result is deterministic (ties: the
+    earlier entry)."""
     B, T, S = scores.shape
     rows = B * T
     K_PAD = max(2, triton.next_power_of_2(topk))
@@ -501,7 +504,8 @@ def _check_indexer(q, w, k, m, t0, k_scale=None):
         raise ValueError(f"need compression ratio m >= 1 and offset t0 >= 0, got m = {m}, t0 = {t0}")
 
 
-def indexer_scores(q, w, k, m: int, t0: int = 0, use_kernel: bool | None = None, k_scale=None) -> torch.Tensor:
+def indexer_scores(q, w, k, m: int, t0: int = 0, use_kernel: bool | None = None,
+                   k_scale=None) -> torch.Tensor:
     """I [B, T, S] fp32, -inf where invisible. q [B, T, H, D] RoPE'd indexer queries at positions
     t0 .. t0+T-1, w [B, T, H] weights (already scaled by D^-0.5 H^-0.5), k [B, S, D] compressed keys;
     FP8: k in e4m3 with k_scale [B, S] (`quantize_rows`), and q is quantised here."""
