@@ -117,6 +117,10 @@ def test_config_errors():
         ModelConfig.from_preset("nano", attention="linear")
     with pytest.raises(ValueError, match="unknown ModelConfig field"):
         ModelConfig.from_preset("nano", dimension=3)
+    with pytest.raises(ValueError, match="index_fp8"):
+        ModelConfig.from_preset("nano", index_fp8="yes")
+    with pytest.raises(ValueError, match="index_head_dim <= 128"):
+        ModelConfig.from_preset("nano", index_fp8=True, index_head_dim=256)
     model = Transformer(nano(max_seq_len=64))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 65, dtype=torch.long))

@@ -54,6 +54,10 @@ def test_train_checkpoint_and_sample(tmp_path, corpus, capsys):
     assert torch.equal(a, b) and torch.equal(c, d)
     sample.main(["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--prompt", "import os", "--max-new-tokens", "5"])
     assert "import os" in capsys.readouterr().out
+    # a model trained without the FP8 indexer samples with it (its cached indexer keys in e4m3)
+    sample.main(["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--prompt", "import os", "--max-new-tokens", "5",
+                 "--index-fp8"])
+    assert "import os" in capsys.readouterr().out
 
 
 def test_resume_continues_exactly(tmp_path, corpus):
