@@ -91,11 +91,27 @@ def rope_inv_freq(rope_dim: int, base: float, yarn: dict | None = None) -> list[
     return out
 
 
+_FREQ_TENSORS: dict = {}
+
+
+def _freq_tensor(inv_freq: list[float], device) -> torch.Tensor:
+    """inv_freq as an fp32 tensor on `device`, made once per (frequencies, device): torch.tensor(list,
+    device="cuda") copies from pageable host memory and waits for the GPU's queue to drain, which
+    apply_rope would otherwise do several times per layer per step. (Under torch.compile a constant.)"""
+    if torch.compiler.is_compiling():
+        return torch.tensor(inv_freq, dtype=torch.float32, device=device)
+    key = (tuple(inv_freq), device)
+    if key not in _FREQ_TENSORS:
+        with torch.inference_mode(False):
+            _FREQ_TENSORS[key] = torch.tensor(inv_freq, dtype=torch.float32, device=device)
+    return _FREQ_TENSORS[key]
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: list[float], inverse: bool = False):
     """Rotate the LAST r = 2 * len(inv_freq) dims of x; pair (2i, 2i+1) is one complex number.
     x: [B, T, ..., D], positions: [T]. inverse=True rotates by -angle (undoes the rotation)."""
     r = 2 * len(inv_freq)
-    freq = torch.tensor(inv_freq, dtype=torch.float32, device=x.device)
+    freq = _freq_tensor(inv_freq, x.device)
     angle = positions.to(device=x.device, dtype=torch.float32)[:, None] * freq          # [T, r/2]
     angle = angle.view(angle.shape[0], *([1] * (x.dim() - 3)), r // 2)
     cos, sin = angle.cos(), (-angle if inverse else angle).sin()
