@@ -252,7 +252,8 @@ def visible_entries(positions: torch.Tensor, n_entries: int, ratio: int) -> torc
 
 
 @torch.no_grad()
-def csa_select(index_q, index_w, index_keys, positions, ratio: int, topk: int, key_scale=None) -> torch.Tensor:
+def csa_select(index_q, index_w, index_keys, positions, ratio: int, topk: int,
+               key_scale=None) -> torch.Tensor:
     """Indices [B, T, topk] of each query's top-k visible entries by indexer score, in index order, -1
     in the last slots where fewer are visible. Scores are computed in query chunks so memory stays
     O(chunk * N); no gradient.
@@ -417,7 +418,8 @@ class CompressorCache:
         width = compressor.wkv.out_features
         self.kv_rows = torch.zeros(batch_size, 0, width, device=device)
         self.score_rows = torch.zeros(batch_size, 0, width, device=device)
-        self.entries = GrowingBuffer(batch_size, compressor.head_dim, device, torch.float8_e4m3fn if fp8 else dtype)
+        entry_dtype = torch.float8_e4m3fn if fp8 else dtype
+        self.entries = GrowingBuffer(batch_size, compressor.head_dim, device, entry_dtype)
         self.scales = GrowingBuffer(batch_size, 1, device, torch.float32) if fp8 else None
         self.dtype = dtype
 
@@ -614,7 +616,7 @@ class Attention(nn.Module):
                 qI, wI, kI = index
                 k_scale = None
                 if isinstance(kI, tuple):                   # an FP8 cache's keys: (e4m3, scale)
-                    (kI, k_scale), index = kI, None         # (no training from a cache: index unused)
+                    kI, k_scale = kI
                 elif self.cfg.index_fp8 and self.uses_topk:
                     from kernels.csa_select import quantize_rows
                     kI, k_scale = quantize_rows(kI)
