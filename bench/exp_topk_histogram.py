@@ -34,6 +34,7 @@ BITS = 12                  # histogram of the keys' top 12 bits
 NBINS = 1 << BITS
 CHUNK = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096   # scores per program in 1. and 2.
 CAP = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096     # candidates per tile in 3.
+STOP_AFTER = [None]        # the benchmark's stage timing: return after this stage
 
 
 @triton.jit
@@ -177,9 +178,15 @@ def topk_histogram(scores: torch.Tensor, t0: int, m: int, topk: int):
     idx = torch.empty(rows, topk, dtype=torch.int32, device=dev)
     val = torch.empty(rows, topk, dtype=torch.float32, device=dev)
     grid = (rows, triton.cdiv(S, CHUNK))
+    if STOP_AFTER[0] == "memset":
+        return idx.view(B, T, topk), val.view(B, T, topk)
     _hist_kernel[grid](scores, hist, T, S, t0, m, CHUNK=CHUNK, BITS=BITS, num_warps=8)
+    if STOP_AFTER[0] == "histogram":
+        return idx.view(B, T, topk), val.view(B, T, topk)
     _collect_kernel[grid](scores, hist, counts, sure_key, sure_idx, cand_key, cand_idx, T, S, t0, m,
                           K=topk, CHUNK=CHUNK, BITS=BITS, num_warps=8)
+    if STOP_AFTER[0] == "collect":
+        return idx.view(B, T, topk), val.view(B, T, topk)
     _final_kernel[(rows,)](hist, counts, sure_key, sure_idx, cand_key, cand_idx, idx, val, S, K=topk,
                            K_PAD=max(2, triton.next_power_of_2(topk)), CAP=CAP, BITS=BITS, num_warps=8)
     return idx.view(B, T, topk), val.view(B, T, topk)
@@ -230,6 +237,13 @@ def main():
         tree = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, 4, 512), rep=50)
         hist = 1e3 * do_bench_cudagraph(lambda: topk_histogram(scores, t0, 4, 512), rep=50)
         print(f"decode top-512 of 262144, B={B}: tree {tree:.1f} us, histogram {hist:.1f} us")
+        stages = {"memset": 0.0, "histogram": 0.0, "collect": 0.0, "select and sort": 0.0}
+        for name in stages:                      # each stage alone, on the buffers the others leave
+            STOP_AFTER[0] = name
+            stages[name] = 1e3 * do_bench_cudagraph(lambda: topk_histogram(scores, t0, 4, 512), rep=50)
+        STOP_AFTER[0] = None
+        cumulative = list(stages.values())
+        print("  cumulative by stage: " + ", ".join(f"{k} {v:.1f} us" for k, v in zip(stages, cumulative)))
 
 
 if __name__ == "__main__":
