@@ -32,6 +32,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import csa_select as cs  # noqa: E402
+from kernels.csa_select import _finish_heads, _start_heads  # noqa: E402
 
 
 @triton.jit
@@ -65,11 +66,7 @@ def _overlap_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr,
     c = tl.arange(0, C_PAD)
     h_ok = h < N_H
     c_ok = c < C
-    qb = tl.load(q_ptr + b * sq_b + t * sq_t + h[:, None] * sq_h + c[None, :] * sq_c,
-                 mask=h_ok[:, None] & c_ok[None, :], other=0.0)                   # [HB, C_PAD]
-    m_i = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-    l_i = tl.full([HB], 1.0, tl.float32)
-    acc = tl.zeros([HB, C_PAD], dtype=tl.float32)
+    qb, m_i, l_i, acc = _start_heads(q_ptr, sink_ptr, b, t, h, c, h_ok, c_ok, sq_b, sq_t, sq_h, sq_c, HB, C_PAD)
     jn = tl.arange(0, BN)
     NB_SEL: tl.constexpr = (TOPK + BN - 1) // BN
     NB: tl.constexpr = NB_SEL + (WINDOW + BN - 1) // BN
@@ -98,10 +95,7 @@ def _overlap_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr,
         m_i = m_new
         p = p_f32.to(q_ptr.dtype.element_ty)
         ok_cur = ok_next
-    o = acc / l_i[:, None]
-    tl.store(o_ptr + b * so_b + t * so_t + h[:, None] * so_h + c[None, :] * so_c,
-             o.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
-    tl.store(lse_ptr + (b * T + t) * N_H + h, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=h_ok)
+    _finish_heads(o_ptr, lse_ptr, acc, m_i, l_i, b, t, h, c, h_ok, c_ok, T, so_b, so_t, so_h, so_c, N_H)
 
 
 def overlap_attention(q, kv, entries, entry_idx, sink, t0, window, scale, HB=64, BN=32, warps=8, stages=2):

@@ -86,6 +86,15 @@ def _collect_kernel(score_ptr, hist_ptr, count_ptr, sure_key_ptr, sure_idx_ptr, 
 
 
 @triton.jit
+def _cand_tile(cand_key, cand_idx, t, n_cand, CAP: tl.constexpr):
+    """Candidates t .. t + CAP: (slots j, keys as uint32, indices); past n_cand key 0, index 0."""
+    j = t + tl.arange(0, CAP)
+    key = tl.load(cand_key + j, mask=j < n_cand, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+    idx = tl.load(cand_idx + j, mask=j < n_cand, other=0, cache_modifier=".cg")
+    return j, key, idx
+
+
+@triton.jit
 def _final_kernel(hist_ptr, count_ptr, sure_key_ptr, sure_idx_ptr, cand_key_ptr, cand_idx_ptr,
                   out_idx_ptr, out_val_ptr, S, K: tl.constexpr, K_PAD: tl.constexpr, CAP: tl.constexpr,
                   BITS: tl.constexpr):
@@ -106,8 +115,7 @@ def _final_kernel(hist_ptr, count_ptr, sure_key_ptr, sure_idx_ptr, cand_key_ptr,
         c2 = 0
         c3 = 0
         for t in range(0, n_cand, CAP):
-            j = t + tl.arange(0, CAP)
-            key = tl.load(cand_key + j, mask=j < n_cand, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+            j, key, tile_idx = _cand_tile(cand_key, cand_idx, t, n_cand, CAP)
             c1 += tl.sum((key >= (thr | (1 << sh))).to(tl.int32), axis=0)
             c2 += tl.sum((key >= (thr | (2 << sh))).to(tl.int32), axis=0)
             c3 += tl.sum((key >= (thr | (3 << sh))).to(tl.int32), axis=0)
@@ -120,8 +128,7 @@ def _final_kernel(hist_ptr, count_ptr, sure_key_ptr, sure_idx_ptr, cand_key_ptr,
     n_above = 0
     n_tie = 0
     for t in range(0, n_cand, CAP):
-        j = t + tl.arange(0, CAP)
-        key = tl.load(cand_key + j, mask=j < n_cand, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+        j, key, tile_idx = _cand_tile(cand_key, cand_idx, t, n_cand, CAP)
         n_above += tl.sum(((key > thr) & (j < n_cand)).to(tl.int32), axis=0)
         n_tie += tl.sum(((key == thr) & (j < n_cand)).to(tl.int32), axis=0)
     krem = need - n_above                                        # ties to take
@@ -133,9 +140,7 @@ def _final_kernel(hist_ptr, count_ptr, sure_key_ptr, sure_idx_ptr, cand_key_ptr,
             trial = idx_thr | (1 << bit)
             below = 0
             for t in range(0, n_cand, CAP):
-                j = t + tl.arange(0, CAP)
-                key = tl.load(cand_key + j, mask=j < n_cand, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
-                idx = tl.load(cand_idx + j, mask=j < n_cand, other=0, cache_modifier=".cg")
+                j, key, idx = _cand_tile(cand_key, cand_idx, t, n_cand, CAP)
                 below += tl.sum(((key == thr) & (j < n_cand) & (idx < trial)).to(tl.int32), axis=0)
             idx_thr = tl.where(below < krem, trial, idx_thr)
             bit -= 1
@@ -145,9 +150,7 @@ def _final_kernel(hist_ptr, count_ptr, sure_key_ptr, sure_idx_ptr, cand_key_ptr,
     sure_idx = sure_idx_ptr + row * K
     filled = n_sure
     for t in range(0, n_cand, CAP):
-        j = t + tl.arange(0, CAP)
-        key = tl.load(cand_key + j, mask=j < n_cand, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
-        idx = tl.load(cand_idx + j, mask=j < n_cand, other=0, cache_modifier=".cg")
+        j, key, idx = _cand_tile(cand_key, cand_idx, t, n_cand, CAP)
         take = (j < n_cand) & ((key > thr) | ((key == thr) & (idx <= idx_thr)))
         pos = filled + tl.cumsum(take.to(tl.int32), axis=0) - 1
         tl.store(sure_key + pos, key.to(tl.int32, bitcast=True), mask=take)
