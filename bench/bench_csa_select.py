@@ -96,6 +96,24 @@ def prefill_case(T):
                  ms_base / ms_kernel, ">= 5x", ms_base / ms_kernel >= 5))
 
 
+def radix_rounds(scores, t0, n_rounds):
+    """The first n_rounds launches of kernels/csa_select.py's `_topk_rounds_triton` (for their timing)."""
+    B, T, S = scores.shape
+    tiles = triton.cdiv(S, cs._ROUND_TILE)
+    per_prog = triton.cdiv(tiles, cs._ROUND_MAX_PROGRAMS)
+    n_prog = triton.cdiv(tiles, per_prog)
+    p_pad = max(2, triton.next_power_of_2(n_prog))
+    hist = torch.empty(B * T, 4, p_pad, 256, dtype=torch.int32, device="cuda")
+    state = torch.empty(B * T, 4, 4, dtype=torch.int32, device="cuda")
+    above = torch.empty(B * T, 4, p_pad, dtype=torch.int32, device="cuda")
+    idx = torch.empty(B * T, TOPK, dtype=torch.int32, device="cuda")
+    val = torch.empty(B * T, TOPK, device="cuda")
+    for rnd in range(n_rounds):
+        cs._radix_round_kernel[(B * T, n_prog)](scores.view(B * T, S), hist, state, above, idx, val, T, S, t0,
+                                                M, n_prog, per_prog, S, K=TOPK, K_PAD=TOPK, ROUND=rnd,
+                                                TILE=cs._ROUND_TILE, P_PAD=p_pad, num_warps=8)
+
+
 def decode_case(B, S):
     t0 = M * S - 1                                           # every entry visible
     q, w, k = indexer_inputs(B, 1, S, seed=B)
@@ -107,38 +125,38 @@ def decode_case(B, S):
     us_topk = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)
     print(f"decode B={B}: scores kernel {us_scores:.1f} us + top-k kernels {us_topk:.1f} us "
           f"(tile {cs._TOPK_TILE_FEW_ROWS})")
-    default_warps = cs._TOPK_WARPS_FEW_ROWS
-    for warps in (4, 8, 16):                       # warps per top-k program at few rows
-        cs._TOPK_WARPS_FEW_ROWS = warps
+    default_method = cs._DECODE_TOPK
+    for method in ("tree", "rounds"):               # the merge tree against the row-wide radix select
+        cs._DECODE_TOPK = method
         us = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)
-        same = torch.equal(cs._topk_triton(scores, t0, M, TOPK)[0], cs._topk_triton(scores, t0, M, TOPK)[0])
-        print(f"  top-k {warps:2d} warps: {us:.1f} us (deterministic: {same})")
-    cs._TOPK_WARPS_FEW_ROWS = default_warps
-    for n in (2048, 4096):                         # one level of the merge tree alone: one tile of n scores
-        part = scores[..., :n].contiguous()
-        us = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(part, t0, M, TOPK), rep=50)
-        print(f"  top-k of one {n}-score row per sequence (one launch): {us:.1f} us")
-    default = cs._SCORE_CHUNK_FEW_ROWS
-    for chunk in (512, 1024, 2048, 4096):          # entries per score program at few rows
-        cs._SCORE_CHUNK_FEW_ROWS = chunk
-        us = 1e3 * do_bench_cudagraph(lambda: cs._scores_triton(q, w, k, M, t0, scores), rep=50)
-        print(f"  scores, {chunk} entries a program: {us:.1f} us ({B * S * D * 2 / us / 1e6:.2f} TB/s of keys)")
-    cs._SCORE_CHUNK_FEW_ROWS = default
+        got = cs._topk_triton(scores, t0, M, TOPK)
+        same = torch.equal(got[0], cs._topk_triton(scores, t0, M, TOPK)[0])
+        print(f"  top-k by {method:6s}: {us:.1f} us (deterministic: {same})")
+        if method == "tree":
+            tree = got
+        else:
+            print(f"  rounds == tree, indices and scores: {torch.equal(got[0], tree[0]) and torch.equal(got[1], tree[1])}")
+    cs._DECODE_TOPK = default_method
+    for n_rounds in range(1, 5):                    # the rounds' launches, cumulative
+        us = 1e3 * do_bench_cudagraph(lambda: radix_rounds(scores, t0, n_rounds), rep=50)
+        print(f"  the first {n_rounds} of 5 radix rounds: {us:.1f} us")
     ROWS.append((f"decode select B={B} S={S // 1024}K", f"{us_kernel:.1f} us", f"{us_base:.1f} us",
                  us_base / us_kernel, "< 40 us", us_kernel < 40))
     # the FP8 indexer: keys stored in e4m3 with a scale each (V4 keeps them in FP4), queries quantised
-    # per call; checked against the reference on the same quantised values
+    # inside the score kernel; checked against the reference on the same quantised values
     k8, k_scale = cs.quantize_rows(k)
     idx, val = cs.csa_topk(q, w, k8, M, t0, TOPK, k_scale=k_scale)
     ref_idx, ref_val = cs.csa_topk_reference(q, w, k8, M, t0, TOPK, k_scale=k_scale)
     err = ((val.sort(-1).values - ref_val.sort(-1).values).abs().max() / ref_val.abs().max()).item()
     print(f"check decode B={B} FP8 keys: selected-score error {err:.1e} -> {'ok' if err < 1e-3 else 'FAILED'}")
     us_fp8 = 1e3 * do_bench_cudagraph(lambda: cs.csa_topk(q, w, k8, M, t0, TOPK, k_scale=k_scale), rep=50)
+    us_scores = 1e3 * do_bench_cudagraph(lambda: cs._scores_triton(q, w, k8, M, t0, scores, k_scale), rep=50)
     q8, w8 = cs.fp8_queries(q, w)
-    us_scores = 1e3 * do_bench_cudagraph(lambda: cs._scores_triton(q8, w8, k8, M, t0, scores, k_scale), rep=50)
+    us_pre = 1e3 * do_bench_cudagraph(lambda: cs._scores_triton(q8, w8, k8, M, t0, scores, k_scale), rep=50)
     us_quant = 1e3 * do_bench_cudagraph(lambda: cs.fp8_queries(q, w), rep=50)
-    print(f"decode B={B} FP8 keys: {us_fp8:.1f} us = query quantisation {us_quant:.1f} us + scores {us_scores:.1f} us "
-          f"({B * S * (D + 4) / us_scores / 1e6:.2f} TB/s of keys and scales) + top-k")
+    print(f"decode B={B} FP8 keys: {us_fp8:.1f} us = scores {us_scores:.1f} us "
+          f"({B * S * (D + 4) / us_scores / 1e6:.2f} TB/s of keys and scales; queries quantised inside) + top-k; "
+          f"quantised beforehand instead: {us_quant:.1f} us + scores {us_pre:.1f} us")
     ROWS.append((f"decode select B={B} FP8 keys", f"{us_fp8:.1f} us", f"{us_base:.1f} us",
                  us_base / us_fp8, "< 40 us", us_fp8 < 40))
 

@@ -8,7 +8,8 @@
              device-to-device copy measured the same way, of 256 MiB and of the same bytes
 
 Correctness is checked first, against the PyTorch references on fresh random inputs. Timings are
-triton.testing.do_bench medians (it clears L2 before every call) over rotating input sets larger than L2.
+triton.testing.do_bench medians (it clears L2 before every call) over rotating input sets larger than L2;
+at each GEMM shape the four are timed in turn, three times over, and each reports its median turn.
 
     python3 bench/bench_fp8_gemm.py                        # ~3-5 min on an H200, tuning included
     python3 bench/bench_fp8_gemm.py --quick                # two GEMM shapes, a smoke test
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels.fp8_gemm as fp8  # noqa: E402
 
 PAIR_ABLATION = False          # --pair-ablation
+INTERLEAVE = 3                 # --interleave
 
 L2_BYTES = 50 * 2**20            # H200 L2; inputs rotate over enough copies to exceed it several times
 GEMM_SHAPES = [                  # (M, N, K)
@@ -157,10 +159,44 @@ def bench_gemm(M, N, K, rep_ms):
         fp8.GEMM_CANDIDATES_LARGE_M[:] = everything
         fp8._tuned.clear()
         config = fp8.tuned_gemm_config(a, a_s, b, b_s)
-    return dict(shape=(M, N, K), config=config, triton=tflops(triton_step(config)),
-                plain=tflops(triton_step(fp8.PLAIN_CONFIG)),
-                cublas=tflops(cublas_step) if cublas else float("nan"), cublas_note=cublas_note,
-                bf16=tflops(bf16_step))
+    # the four timed in turn, INTERLEAVE times over, each figure the median of its turns: clocks and
+    # power drift over a run (a configuration moved ~7% between two calls in the fourth session), so
+    # each kernel sees the same conditions as the others
+    steps = {"triton": triton_step(config), "plain": triton_step(fp8.PLAIN_CONFIG),
+             "cublas": cublas_step if cublas else None, "bf16": bf16_step}
+    turns = {name: [] for name in steps}
+    for _ in range(INTERLEAVE):
+        for name, step in steps.items():
+            turns[name].append(tflops(step) if step else float("nan"))
+    if INTERLEAVE > 1 and M > 64:
+        print(f"  ({M}, {N}, {K}) turns: " + "; ".join(
+            f"{name} {' / '.join(f'{t:.1f}' for t in ts)}" for name, ts in turns.items()))
+    row = dict(shape=(M, N, K), config=config, cublas_note=cublas_note,
+               **{name: sorted(ts)[len(ts) // 2] for name, ts in turns.items()})
+    if M <= 128:   # decode shapes: the device time alone, each call in a CUDA graph (no host overhead)
+        sets = [next_input() for _ in range(max(2, -(-2 * L2_BYTES // fp8_bytes)))]
+        row["graph"] = {
+            "triton": graph_ms([lambda s=s: fp8.fp8_gemm(*s[2:6], config=config) for s in sets]),
+            "cublas": graph_ms([lambda s=s: cublas(*s[2:5], s[6]) for s in sets]) if cublas else float("nan"),
+            "bf16": graph_ms([lambda s=s: torch.matmul(s[0], s[1].t()) for s in sets])}
+        row["graph"] = {name: flops / ms * 1e-9 for name, ms in row["graph"].items()}
+    return row
+
+
+def graph_ms(calls, rep_ms=100):
+    """ms per call of `calls` (each on its own inputs, together over twice L2) replayed as one CUDA graph:
+    the device's time without Python's launch overhead, which at decode sizes is longer than the GEMM."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                    # warm-up (compiles, cuBLAS workspaces) off the graph
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return median_ms(graph.replay, rep_ms) / len(calls)
 
 
 def bench_quant(rep_ms):
@@ -228,12 +264,15 @@ def main():
                         help="only time every large-M candidate (and a few variants of the pair ones) at "
                              "this shape, each over rotating inputs, then exit")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench measuring time per number (ms)")
+    parser.add_argument("--interleave", type=int, default=3,
+                        help="time Triton, plain, cuBLAS and bf16 in turn this many times at each GEMM shape "
+                             "and report each one's median (clocks drift over a run)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_fp8_gemm.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
-    global PAIR_ABLATION
-    PAIR_ABLATION = args.pair_ablation
+    global PAIR_ABLATION, INTERLEAVE
+    PAIR_ABLATION, INTERLEAVE = args.pair_ablation, max(1, args.interleave)
     if args.no_warp_specialize:
         fp8.GEMM_CANDIDATES_LARGE_M[:] = [c for c in fp8.GEMM_CANDIDATES_LARGE_M if not c.warp_specialize]
     props = torch.cuda.get_device_properties(0)
@@ -267,6 +306,13 @@ def main():
         print(f"{'':9s}{M:6d} {N:6d} {K:6d} | {r['triton']:7.1f} {r['plain']:6.1f} {r['cublas']:11.1f} "
               f"{r['bf16']:6.1f} | {r['triton'] / r['cublas']:13.2f} {r['triton'] / r['bf16']:12.2f} "
               f"| {describe(r['config'])}")
+    print("decode shapes, device time (CUDA graphs) | Triton  cuBLAS-fp8  bf16 TFLOP/s | Triton GB/s of weight")
+    for r in gemm_rows:
+        if "graph" in r:
+            M, N, K = r["shape"]
+            g = r["graph"]
+            print(f"{'':9s}{M:6d} {N:6d} {K:6d} | {g['triton']:7.1f} {g['cublas']:11.1f} {g['bf16']:6.1f} "
+                  f"| {1e3 * N * K * g['triton'] / (2 * M * N * K):8.0f}")
     print("grouped (MoE) E, rows, N, K | max rel err vs reference | FP8 grouped TFLOP/s | bf16 _grouped_mm | ratio")
     for (E, R, N, K), err, t_fp8, t_bf16 in grouped_rows:
         print(f"{'':9s}{E:3d} {R:6d} {N:5d} {K:5d} | {err:24.2e} | {t_fp8:19.1f} | {t_bf16:16.1f} | {t_fp8 / t_bf16:.2f}")

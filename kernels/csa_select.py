@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_gemm import BLOCK, FP8_DTYPE, act_quant
+from kernels.fp8_gemm import BLOCK, FP8_DTYPE, _round_to_e4m3_grid, _ue8m0_scale, act_quant
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -69,6 +69,9 @@ _TOPK_TILE_FEW_ROWS = 64 if _INTERPRET else 4096
 # warps per top-k program: a tile / 256 (16 at 4096) for many rows; 8 for few rows, measured on an H200
 # at 262144 entries: 33.4 us against 37.5 (16 warps) and 37.7 (4) at B = 1, 54.5 against 70.8 at B = 8
 _TOPK_WARPS_FEW_ROWS = 8
+# a few rows longer than a tile (decode): "rounds", the row-wide radix select (`_topk_rounds_triton`),
+# or "tree", the merge tree of `_tile_topk_kernel`
+_DECODE_TOPK = "rounds"
 
 
 def _dot_precision(dtype: torch.dtype):
@@ -169,7 +172,7 @@ def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, T, S, t0, m, s_
                            so_b, so_t, so_s,
                            H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
                            BT: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           KEY_SCALE: tl.constexpr):
+                           KEY_SCALE: tl.constexpr, QUANT_Q: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -189,6 +192,16 @@ def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, T, S, t0, m, s_
                  mask=row_ok[:, None] & (d[None, :] < D), other=0.0)             # [BT*H_PAD, D_PAD]
     wb = tl.load(w_ptr + b * sw_b + t_n.to(tl.int64) * sw_t + h_n * sw_h, mask=row_ok, other=0.0)
     wb = wb.to(tl.float32)                                                        # [BT*H_PAD]
+    if QUANT_Q:
+        # the FP8 indexer's queries, quantised here as `fp8_queries` does (one power-of-two scale per
+        # (query, head) row, kernels/fp8_gemm.py's 1x128 blocks), the scales folded into the weights
+        qf = qb.to(tl.float32)
+        q_scale, q_inv = _ue8m0_scale(tl.max(tl.abs(qf), axis=1))                # [BT*H_PAD]
+        qf = qf * q_inv[:, None]
+        if ROUND_ON_GRID:                                   # the interpreter's cast needs the grid first
+            qf = _round_to_e4m3_grid(qf)
+        qb = qf.to(k_ptr.dtype.element_ty)
+        wb = wb * q_scale
     qT = tl.trans(qb)                                                             # [D_PAD, BT*H_PAD]
     for s0 in range(s_start, s_end, BS):
         s = s0 + tl.arange(0, BS)
@@ -212,21 +225,23 @@ _indexer_scores_tuned = triton.autotune(_SCORE_CONFIGS, key=["T", "H", "D"])(_in
 
 def _scores_triton(q, w, k, m: int, t0: int, out: torch.Tensor, k_scale=None):
     """Write I for queries q [B, T, H, D] into out [B, T, S] (fp32). Only entries below the last query's
-    visible count are written; invisible ones among them get -inf. FP8: q and k in e4m3, the queries'
-    scales already in w, k_scale [B, S] the keys' (see `fp8_queries`)."""
+    visible count are written; invisible ones among them get -inf. FP8: k in e4m3 with k_scale [B, S]
+    the keys' scales, and q either in e4m3 with its scales already in w (`fp8_queries`) or in a wider
+    dtype, quantised by the kernel the same way (saving two launches a decode step)."""
     B, T, H, D = q.shape
     S = k.shape[1]
     if S == 0 or T == 0:
         return
     # (an FP8 MMA on Hopper takes K in steps of 32: pad the head dim to at least that)
     H_PAD = max(16, triton.next_power_of_2(H))
-    D_PAD = max(32 if q.dtype == FP8_DTYPE else 16, triton.next_power_of_2(D))
+    D_PAD = max(32 if k.dtype == FP8_DTYPE else 16, triton.next_power_of_2(D))
     s_chunk = 32 if _INTERPRET else (_SCORE_CHUNK_FEW_ROWS if B * T < _FEW_ROWS else 4096)   # multiple of every BS
     ks = out if k_scale is None else k_scale                                     # (not read without FP8)
     args = (q, w, k, ks, out, T, S, t0, m, s_chunk, *q.stride(), *w.stride(), *k.stride(), ks.stride(0),
             *out.stride())
-    meta = dict(H=H, D=D, H_PAD=H_PAD, D_PAD=D_PAD, DOT_PRECISION=_dot_precision(q.dtype),
-                KEY_SCALE=k_scale is not None)
+    meta = dict(H=H, D=D, H_PAD=H_PAD, D_PAD=D_PAD, DOT_PRECISION=_dot_precision(k.dtype),
+                KEY_SCALE=k_scale is not None, QUANT_Q=k_scale is not None and q.dtype != FP8_DTYPE,
+                ROUND_ON_GRID=_INTERPRET)
     if _INTERPRET:
         _indexer_scores_kernel[(triton.cdiv(T, 2), triton.cdiv(S, s_chunk), B)](*args, **meta, BT=2, BS=16)
     else:
@@ -330,6 +345,8 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
     K_PAD = max(2, triton.next_power_of_2(topk))
     few = rows < _FEW_ROWS
     tile_max = max(_TOPK_TILE_FEW_ROWS if few else _TOPK_TILE, 2 * K_PAD)   # a merge takes >= 2 lists
+    if few and S > tile_max and _DECODE_TOPK == "rounds":
+        return _topk_rounds_triton(scores, t0, m, topk)
     idx = torch.empty(rows, topk, dtype=torch.int32, device=scores.device)
     val = torch.empty(rows, topk, dtype=torch.float32, device=scores.device)
     src_val, src_idx, row_len, seg_len, causal = scores.view(rows, S), scores, S, tile_max, True
@@ -348,6 +365,132 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
             return idx.view(B, T, topk), val.view(B, T, topk)
         src_val, src_idx, row_len, causal = out_val, out_idx, n_prog * topk, False
         seg_len = (tile_max // topk) * topk                 # whole lists per merge tile
+
+
+# The decode top-k: a row of up to S = 262144 scores (a 1M-token context) and one or a few rows. The
+# merge tree above needs three dependent levels of a 4096-score tile each (~10 us a level on an H200:
+# the radix passes over a tile are serial). Here the row is split over many programs, and the radix
+# select runs over the whole row at once, 8 bits a round, one launch a round:
+#   round 0      each program: a histogram (256 bins) of its keys' top byte -> hist[0, p, :]
+#   round 1..3   each program: sum the previous round's histograms over programs, choose that byte of
+#                the threshold (the largest byte value with >= k_remaining keys at or above it), then a
+#                histogram of the next byte among its keys whose bytes so far equal the threshold's
+#   round 4      choose the last byte: the threshold key tau and how many ties at tau to take; then
+#                each program writes its keys > tau and its share of the ties (ties go to the earlier
+#                programs first, so to earlier entries) at an offset that is the count taken by the
+#                programs before it: the k come out in index order, as from the tree.
+# Five launches; histograms are written per program (no atomics), so the result never depends on timing.
+_RADIX_BINS = 256
+_ROUND_TILE = 64 if _INTERPRET else 4096     # scores per program and tile
+_ROUND_MAX_PROGRAMS = 4 if _INTERPRET else 64
+
+
+@triton.jit
+def _radix_round_kernel(score_ptr, hist_ptr, state_ptr, above_ptr, out_idx_ptr, out_val_ptr,
+                        T, S, t0, m, n_prog, tiles_per_prog, stride_s,
+                        K: tl.constexpr, K_PAD: tl.constexpr, ROUND: tl.constexpr, TILE: tl.constexpr,
+                        P_PAD: tl.constexpr):
+    """Round ROUND (0..4) of the row-wide radix select. hist [rows, 4, P_PAD, 256] int32: each program's
+    histogram per round; state [rows, 4, 4] int32: (threshold bits so far, keys still to take, k taken
+    in all) entering each round, written by program 0; above [rows, 4, P_PAD] int32: per program, its
+    keys above the threshold decided in that round."""
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    n_vis = tl.minimum((t0 + row % T + 1) // m, S)
+    bins = tl.arange(0, 256)
+    progs = tl.arange(0, P_PAD)
+    hist_row = hist_ptr + row * (4 * P_PAD * 256)
+    prefix = tl.full([], 0, tl.uint32)          # the threshold's bytes chosen so far
+    if ROUND > 0:
+        # the previous round's histograms of all programs [P_PAD, 256], and their sum over programs
+        table = tl.load(hist_row + (ROUND - 1) * (P_PAD * 256) + progs[:, None] * 256 + bins[None, :],
+                        mask=progs[:, None] < n_prog, other=0)
+        counts = tl.sum(table, axis=0)                                            # [256]
+        if ROUND == 1:
+            n_sel = tl.minimum(tl.sum(counts, axis=0), K)
+            krem = n_sel
+        else:
+            prefix = tl.load(state_ptr + row * 16 + (ROUND - 1) * 4).to(tl.uint32, bitcast=True)
+            krem = tl.load(state_ptr + row * 16 + (ROUND - 1) * 4 + 1)
+            n_sel = tl.load(state_ptr + row * 16 + (ROUND - 1) * 4 + 2)
+        at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts   # keys with byte >= b
+        digit = tl.sum((at_or_above >= krem).to(tl.int32), axis=0) - 1            # 255 when krem == 0
+        krem = krem - tl.sum(tl.where(bins > digit, counts, 0), axis=0)           # still to take at digit
+        prefix = prefix | (digit.to(tl.uint32) << (32 - 8 * ROUND))
+        above_q = tl.sum(tl.where(bins[None, :] > digit, table, 0), axis=1)       # [P_PAD] per program
+        if ROUND < 4:
+            if p == 0:
+                tl.store(state_ptr + row * 16 + ROUND * 4, prefix.to(tl.int32, bitcast=True))
+                tl.store(state_ptr + row * 16 + ROUND * 4 + 1, krem)
+                tl.store(state_ptr + row * 16 + ROUND * 4 + 2, n_sel)
+                tl.store(above_ptr + row * (4 * P_PAD) + (ROUND - 1) * P_PAD + progs, above_q)
+    if ROUND < 4:
+        # this round's histogram: byte ROUND of the keys whose higher bytes equal the threshold's
+        h = tl.zeros([256], dtype=tl.int32)
+        for j in range(0, tiles_per_prog):
+            offs = (p * tiles_per_prog + j) * TILE + tl.arange(0, TILE)
+            v = tl.load(score_ptr + row * stride_s + offs, mask=offs < n_vis, other=float("-inf"))
+            key = _float_to_key(v)
+            ok = (offs < n_vis) & (v > float("-inf"))
+            if ROUND > 0:
+                ok = ok & ((key >> (32 - 8 * ROUND)) == (prefix >> (32 - 8 * ROUND)))
+            byte = ((key >> (24 - 8 * ROUND)) & 255).to(tl.int32)
+            h += tl.histogram(byte, 256, mask=ok)
+        tl.store(hist_row + ROUND * (P_PAD * 256) + p * 256 + bins, h)
+    else:
+        # prefix is the threshold key tau; krem ties at tau are taken, the earliest first
+        ties_q = tl.sum(tl.where(bins[None, :] == digit, table, 0), axis=1)        # [P_PAD]
+        prev = tl.load(above_ptr + row * (4 * P_PAD) + tl.arange(0, 4)[:, None] * P_PAD + progs[None, :],
+                       mask=(tl.arange(0, 4)[:, None] < 3) & (progs[None, :] < n_prog), other=0)
+        above_q = above_q + tl.sum(prev, axis=0)                                   # keys > tau, per program
+        quota_q = tl.minimum(tl.maximum(krem - (tl.cumsum(ties_q, axis=0) - ties_q), 0), ties_q)
+        taken_q = above_q + quota_q
+        base = tl.sum(tl.where(progs < p, taken_q, 0), axis=0)
+        quota = tl.sum(tl.where(progs == p, quota_q, 0), axis=0)
+        out_idx = out_idx_ptr + row * K
+        out_val = out_val_ptr + row * K
+        ties_seen = 0
+        for j in range(0, tiles_per_prog):
+            offs = (p * tiles_per_prog + j) * TILE + tl.arange(0, TILE)
+            v = tl.load(score_ptr + row * stride_s + offs, mask=offs < n_vis, other=float("-inf"))
+            key = _float_to_key(v)
+            ok = (offs < n_vis) & (v > float("-inf"))
+            tie = ok & (key == prefix)
+            take = (ok & (key > prefix)) | (tie & (ties_seen + tl.cumsum(tie.to(tl.int32), axis=0) <= quota))
+            pos = base + tl.cumsum(take.to(tl.int32), axis=0) - 1
+            tl.store(out_idx + pos, offs, mask=take)
+            tl.store(out_val + pos, v, mask=take)
+            base += tl.sum(take.to(tl.int32), axis=0)
+            ties_seen += tl.sum(tie.to(tl.int32), axis=0)
+        if p == 0:
+            slot = tl.arange(0, K_PAD)
+            pad = (slot >= n_sel) & (slot < K)
+            tl.store(out_idx + slot, tl.full([K_PAD], -1, tl.int32), mask=pad)
+            tl.store(out_val + slot, tl.full([K_PAD], float("-inf"), tl.float32), mask=pad)
+
+
+def _topk_rounds_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
+    """The same result as `_topk_triton` (same set, index order, -1 / -inf padding) for a few long rows:
+    five launches of `_radix_round_kernel` over up to 64 programs a row."""
+    B, T, S = scores.shape
+    rows = B * T
+    tiles = triton.cdiv(S, _ROUND_TILE)
+    tiles_per_prog = triton.cdiv(tiles, _ROUND_MAX_PROGRAMS)
+    n_prog = triton.cdiv(tiles, tiles_per_prog)
+    P_PAD = max(2, triton.next_power_of_2(n_prog))
+    dev = scores.device
+    hist = torch.empty(rows, 4, P_PAD, 256, dtype=torch.int32, device=dev)
+    state = torch.empty(rows, 4, 4, dtype=torch.int32, device=dev)
+    above = torch.empty(rows, 4, P_PAD, dtype=torch.int32, device=dev)
+    idx = torch.empty(rows, topk, dtype=torch.int32, device=dev)
+    val = torch.empty(rows, topk, dtype=torch.float32, device=dev)
+    src = scores.view(rows, S)
+    for rnd in range(5):
+        _radix_round_kernel[(rows, n_prog)](src, hist, state, above, idx, val, T, S, t0, m, n_prog,
+                                            tiles_per_prog, src.stride(0), K=topk,
+                                            K_PAD=max(2, triton.next_power_of_2(topk)), ROUND=rnd,
+                                            TILE=_ROUND_TILE, P_PAD=P_PAD, num_warps=8)
+    return idx.view(B, T, topk), val.view(B, T, topk)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -528,8 +671,6 @@ def indexer_scores(q, w, k, m: int, t0: int = 0, use_kernel: bool | None = None,
     _check_indexer(q, w, k, m, t0, k_scale)
     if not _want_kernel(use_kernel, q, w, k):
         return indexer_scores_reference(q, w, k, m, t0, k_scale)
-    if k_scale is not None:
-        q, w = fp8_queries(q, w)
     out = torch.full((q.shape[0], q.shape[1], k.shape[1]), float("-inf"), device=q.device)
     _scores_triton(q, w, k, m, t0, out, k_scale)
     return out
@@ -545,8 +686,6 @@ def csa_topk(q, w, k, m: int, t0: int, topk: int, use_kernel: bool | None = None
         raise ValueError(f"topk must be >= 1, got {topk}")
     if not _want_kernel(use_kernel, q, w, k):
         return csa_topk_reference(q, w, k, m, t0, topk, k_scale)
-    if k_scale is not None:
-        q, w = fp8_queries(q, w)
     B, T = q.shape[:2]
     S = k.shape[1]
     chunk = max(1, _SCORE_BUFFER_ELEMS // max(1, B * S))          # queries whose scores fit the buffer

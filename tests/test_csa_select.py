@@ -98,14 +98,19 @@ def test_decode_splits_rows_and_agrees_with_prefill():
         torch.testing.assert_close(val_t, val[:, t:t + T], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["tree", "rounds"])
 @pytest.mark.parametrize("pattern", ["ties", "rising", "random"])
-def test_decode_merge_tree_is_exact(pattern, monkeypatch):
-    """A decode row over 600 entries passes through several merge levels (64-entry tiles, on a GPU too).
-    'ties': 10 positive scores scattered among exact zeros, so 22 of the top 32 are zeros, which must be
-    the earliest ones; 'rising': scores grow with the index, so every pick sits in the last tiles;
+def test_decode_topk_is_exact(pattern, method, monkeypatch):
+    """A decode row over 600 entries, in 64-entry tiles (on a GPU too): through several merge levels
+    ('tree'), or the row-wide radix select over 4 programs of 3 tiles each ('rounds'). 'ties': 10
+    positive scores scattered among exact zeros, so 22 of the top 32 are zeros, which must be the
+    earliest ones; 'rising': scores grow with the index, so every pick sits in the last tiles;
     'random': plain random scores."""
     monkeypatch.setattr(csa_select, "_TOPK_TILE", 64)
     monkeypatch.setattr(csa_select, "_TOPK_TILE_FEW_ROWS", 64)
+    monkeypatch.setattr(csa_select, "_DECODE_TOPK", method)
+    monkeypatch.setattr(csa_select, "_ROUND_TILE", 64)
+    monkeypatch.setattr(csa_select, "_ROUND_MAX_PROGRAMS", 4)
     B, S, topk = 2, 600, 32
     q, w, k = indexer_inputs(B, 1, H=4, D=16, S=S, seed=9)
     q, w, k = q.abs(), w.abs(), k.abs()
@@ -212,6 +217,10 @@ def test_fp8_indexer_equals_its_reference(T, S, t0):
     size = size * k_scale[:, None, :]
     tol = 2.0 ** -12 if got.is_cuda else 1e-5
     assert ((got - want).abs() <= tol * size + 1e-7)[finite].all()
+    # queries quantised beforehand (q8, w8) give the kernel's own quantisation's scores
+    pre = torch.full_like(got, float("-inf"))
+    csa_select._scores_triton(q8.to(DEVICE), w8.to(DEVICE), k8, 4, t0, pre, k_scale)
+    assert ((pre - got).abs() <= tol * size + 1e-7)[finite].all() and torch.equal(pre == float("-inf"), got == float("-inf"))
     # FP8 moves the scores by a few percent of their size, not more
     plain = indexer_scores_reference(q, w, k, 4, t0)
     assert ((want - plain)[finite].abs().max() < 0.15 * plain[finite].abs().max())
