@@ -5,7 +5,8 @@
              bf16 torch.matmul, in TFLOP/s, at square, V4-like and decode shapes
     grouped  the FP8 grouped GEMM of the MoE's routed experts against bf16 torch._grouped_mm
     quant    act_quant / weight_quant / dequant in GB/s (bytes read + written) against a
-             device-to-device copy measured the same way, of 256 MiB and of the same bytes
+             device-to-device copy measured the same way, of 256 MiB and of the same bytes, both as
+             device time (CUDA graphs)
 
 Correctness is checked first, against the PyTorch references on fresh random inputs. Timings are
 triton.testing.do_bench medians (it clears L2 before every call) over rotating input sets larger than L2;
@@ -200,29 +201,34 @@ def graph_ms(calls, rep_ms=100):
 
 
 def bench_quant(rep_ms):
+    """GB/s (bytes read + written) of the quantisation kernels and of device-to-device copies, each as
+    device time: calls over input sets together larger than L2, replayed as one CUDA graph (timed through
+    Python, the smaller kernels measured the host's launch overhead instead: 0.34-0.91 of a copy from one
+    call to the next)."""
     rows = []
     copy_src = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     copy_dst = torch.empty_like(copy_src)
-    copy_gbs = 2 * copy_src.numel() * 2 / median_ms(lambda: copy_dst.copy_(copy_src), rep_ms) * 1e-6
+    copy_gbs = 2 * copy_src.numel() * 2 / graph_ms([lambda: copy_dst.copy_(copy_src)], rep_ms) * 1e-6
+    kernels = {"act_quant": fp8.act_quant, "weight_quant": fp8.weight_quant,
+               "dequant 1x128": lambda qs: fp8.dequant(*qs, 1)}
     for name, (M, K) in [("act_quant", (8192, 8192)), ("act_quant", (4096, 7168)),
                          ("weight_quant", (8192, 8192)), ("weight_quant", (7168, 2048)),
                          ("dequant 1x128", (8192, 8192))]:
         n_blocks = M * -(-K // 128) if "act" in name or "1x128" in name else -(-M // 128) * -(-K // 128)
         bytes_moved = M * K * 2 + M * K + 4 * n_blocks          # bf16 in or out, fp8, fp32 scales
+        n_sets = max(2, -(-2 * L2_BYTES // bytes_moved))
 
         def make(M=M, K=K, name=name):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             return fp8.act_quant(x) if name.startswith("dequant") else x
-        next_input = rotating(make, bytes_moved)
-        run = {"act_quant": lambda: fp8.act_quant(next_input()),
-               "weight_quant": lambda: fp8.weight_quant(next_input()),
-               "dequant 1x128": lambda: fp8.dequant(*next_input(), 1)}[name]
-        gbs = bytes_moved / median_ms(run, rep_ms) * 1e-6
-        # and a copy moving the same bytes (half read, half written): small tensors pay the launch too
-        src = torch.empty(bytes_moved // 2, device="cuda", dtype=torch.uint8).random_()
-        dst = torch.empty_like(src)
-        same_gbs = 2 * src.numel() / median_ms(lambda: dst.copy_(src), rep_ms) * 1e-6
+        sets = [make() for _ in range(n_sets)]
+        gbs = bytes_moved / graph_ms([lambda x=x, f=kernels[name]: f(x) for x in sets], rep_ms) * 1e-6
+        # and copies moving the same bytes (half read, half written): small tensors pay a fixed cost too
+        pairs = [(torch.empty(bytes_moved // 2, device="cuda", dtype=torch.uint8).random_(),
+                  torch.empty(bytes_moved // 2, device="cuda", dtype=torch.uint8)) for _ in range(n_sets)]
+        same_gbs = bytes_moved / graph_ms([lambda s=s, d=d: d.copy_(s) for s, d in pairs], rep_ms) * 1e-6
         rows.append((name, (M, K), gbs, copy_gbs, same_gbs))
+        del sets, pairs
     return rows
 
 

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_gemm import BLOCK, FP8_DTYPE, _round_to_e4m3_grid, _ue8m0_scale, act_quant
+from kernels.fp8_gemm import BLOCK, FP8_DTYPE, _num_sms, _round_to_e4m3_grid, _ue8m0_scale, act_quant
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -69,9 +69,10 @@ _TOPK_TILE_FEW_ROWS = 64 if _INTERPRET else 4096
 # warps per top-k program: a tile / 256 (16 at 4096) for many rows; 8 for few rows, measured on an H200
 # at 262144 entries: 33.4 us against 37.5 (16 warps) and 37.7 (4) at B = 1, 54.5 against 70.8 at B = 8
 _TOPK_WARPS_FEW_ROWS = 8
-# a few rows longer than a tile (decode): "rounds", the row-wide radix select (`_topk_rounds_triton`),
-# or "tree", the merge tree of `_tile_topk_kernel`
-_DECODE_TOPK = "rounds"
+# a few rows longer than a tile (decode): "grid", the row-wide radix select in one launch
+# (`_grid_topk_kernel`) where the rows' programs fit one wave of the GPU, else the merge tree; "tree":
+# the merge tree always
+_DECODE_TOPK = "grid"
 
 
 def _dot_precision(dtype: torch.dtype):
@@ -345,8 +346,9 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
     K_PAD = max(2, triton.next_power_of_2(topk))
     few = rows < _FEW_ROWS
     tile_max = max(_TOPK_TILE_FEW_ROWS if few else _TOPK_TILE, 2 * K_PAD)   # a merge takes >= 2 lists
-    if few and S > tile_max and _DECODE_TOPK == "rounds":
-        return _topk_rounds_triton(scores, t0, m, topk)
+    grid_tile = _grid_tile(rows, S, scores.device) if few and S > tile_max and _DECODE_TOPK == "grid" else None
+    if grid_tile:                                       # a few long rows: one launch (below)
+        return _topk_grid_triton(scores, t0, m, topk, grid_tile)
     idx = torch.empty(rows, topk, dtype=torch.int32, device=scores.device)
     val = torch.empty(rows, topk, dtype=torch.float32, device=scores.device)
     src_val, src_idx, row_len, seg_len, causal = scores.view(rows, S), scores, S, tile_max, True
@@ -367,131 +369,123 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
         seg_len = (tile_max // topk) * topk                 # whole lists per merge tile
 
 
-# The decode top-k: a row of up to S = 262144 scores (a 1M-token context) and one or a few rows. The
-# merge tree above needs three dependent levels of a 4096-score tile each (~10 us a level on an H200:
-# the radix passes over a tile are serial). Here the row is split over many programs, and the radix
-# select runs over the whole row at once, 8 bits a round, one launch a round:
-#   round 0      each program: a histogram (256 bins) of its keys' top byte -> hist[0, p, :]
-#   round 1..3   each program: sum the previous round's histograms over programs, choose that byte of
-#                the threshold (the largest byte value with >= k_remaining keys at or above it), then a
-#                histogram of the next byte among its keys whose bytes so far equal the threshold's
-#   round 4      choose the last byte: the threshold key tau and how many ties at tau to take; then
-#                each program writes its keys > tau and its share of the ties (ties go to the earlier
-#                programs first, so to earlier entries) at an offset that is the count taken by the
-#                programs before it: the k come out in index order, as from the tree.
-# Five launches; histograms are written per program (no atomics), so the result never depends on timing.
-_RADIX_BINS = 256
-_ROUND_TILE = 64 if _INTERPRET else 4096     # scores per program and tile
-_ROUND_MAX_PROGRAMS = 4 if _INTERPRET else 64
+# The decode top-k: one row (or two) of up to S = 262144 scores (a 1M-token context). The merge tree
+# above needs three dependent levels over 4096-score tiles (~10 us a level on an H200: a tile's radix
+# passes are serial). Here the row is split over up to ~one program per SM, each holding its tile of
+# keys in registers, and one radix select runs over the whole row, 8 bits a round, in one launch:
+#   round r = 0..3   each program: a histogram (256 bins) of byte r of its keys whose higher bytes equal
+#                    the threshold's so far, added into the row's histogram with integer atomics; a
+#                    grid-wide barrier; then every program reads the row's histogram and takes the same
+#                    byte r of the threshold: the largest value with >= k_remaining keys at or above it
+#   then             each program publishes its count of keys above the threshold tau and of ties at it;
+#                    a barrier; each writes its keys > tau and its share of the ties (the earlier programs'
+#                    first, so ties go to the earlier entry) at the offset the programs before it took.
+# The k come out in index order, the same as the tree's, bit for bit (bench/bench_csa_select.py checks).
+# A barrier is a counter in global memory that every program of the row increments, then polls; all
+# programs must be resident at once, so the kernel is launched as a cooperative grid (the driver refuses
+# a grid that would not fit) and only where rows x programs <= SMs: more rows go to the tree. The
+# integer atomics make the result independent of timing. Under TRITON_INTERPRET=1, which runs programs
+# one after another, a barrier would wait forever: there a row is one program (the CPU tests); the
+# multi-program path is tested on the GPU (tests/test_csa_select.py).
+# Tiles tried in turn, the first whose programs fit one wave wins. On an H200, one row of 262144 scores
+# (bench/bench_csa_select.py): 21.7 us in tiles of 2048 (128 programs), 26.0 in tiles of 4096, against
+# 32.5 for the tree; 8 warps a program (4: 24.6 / 39.9 us, 16: 29.3 at 4096).
+_GRID_TILES = (1024,) if _INTERPRET else (2048, 4096)
+_GRID_WARPS = 8
 
 
 @triton.jit
-def _radix_round_kernel(score_ptr, hist_ptr, state_ptr, above_ptr, out_idx_ptr, out_val_ptr,
-                        T, S, t0, m, n_prog, tiles_per_prog, stride_s,
-                        K: tl.constexpr, K_PAD: tl.constexpr, ROUND: tl.constexpr, TILE: tl.constexpr,
-                        P_PAD: tl.constexpr):
-    """Round ROUND (0..4) of the row-wide radix select. hist [rows, 4, P_PAD, 256] int32: each program's
-    histogram per round; state [rows, 4, 4] int32: (threshold bits so far, keys still to take, k taken
-    in all) entering each round, written by program 0; above [rows, 4, P_PAD] int32: per program, its
-    keys above the threshold decided in that round."""
+def _grid_barrier(sync_ptr, n):
+    """Every program of the row arrives once at this counter (zero at launch); return once all n have."""
+    tl.debug_barrier()                                  # this program's earlier writes are issued
+    tl.atomic_add(sync_ptr, 1, sem="release")
+    arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
+    while arrived < n:
+        arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _grid_topk_kernel(score_ptr, work_ptr, out_idx_ptr, out_val_ptr, T, S, t0, m, n_prog, stride_s,
+                      K: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr, P_PAD: tl.constexpr):
+    """Top K of a row over n_prog programs of TILE keys each, one launch. work [rows, 8 + 1024 + 2 P_PAD]
+    int32, zeroed: 5 barrier counters, the row's histogram of each round [4, 256], and each program's
+    (keys above the threshold, ties at it) [P_PAD, 2]."""
     row = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
+    sync = work_ptr + row * (8 + 1024 + 2 * P_PAD)
+    totals = sync + 8
+    counts = totals + 1024
     n_vis = tl.minimum((t0 + row % T + 1) // m, S)
+    offs = p * TILE + tl.arange(0, TILE)
+    v = tl.load(score_ptr + row * stride_s + offs, mask=offs < n_vis, other=float("-inf"))
+    key = _float_to_key(v)                                                        # [TILE]
+    ok = (offs < n_vis) & (v > float("-inf"))
     bins = tl.arange(0, 256)
-    progs = tl.arange(0, P_PAD)
-    hist_row = hist_ptr + row * (4 * P_PAD * 256)
-    prefix = tl.full([], 0, tl.uint32)          # the threshold's bytes chosen so far
-    if ROUND > 0:
-        # the previous round's histograms of all programs [P_PAD, 256], and their sum over programs
-        table = tl.load(hist_row + (ROUND - 1) * (P_PAD * 256) + progs[:, None] * 256 + bins[None, :],
-                        mask=progs[:, None] < n_prog, other=0)
-        counts = tl.sum(table, axis=0)                                            # [256]
-        if ROUND == 1:
-            n_sel = tl.minimum(tl.sum(counts, axis=0), K)
-            krem = n_sel
+    prefix = tl.full([], 0, tl.uint32)                  # the threshold's bytes chosen so far
+    krem = 0
+    n_sel = 0
+    for r in tl.static_range(4):                        # byte r of the threshold, from the top
+        if r == 0:
+            match = ok
         else:
-            prefix = tl.load(state_ptr + row * 16 + (ROUND - 1) * 4).to(tl.uint32, bitcast=True)
-            krem = tl.load(state_ptr + row * 16 + (ROUND - 1) * 4 + 1)
-            n_sel = tl.load(state_ptr + row * 16 + (ROUND - 1) * 4 + 2)
-        at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts   # keys with byte >= b
-        digit = tl.sum((at_or_above >= krem).to(tl.int32), axis=0) - 1            # 255 when krem == 0
-        krem = krem - tl.sum(tl.where(bins > digit, counts, 0), axis=0)           # still to take at digit
-        prefix = prefix | (digit.to(tl.uint32) << (32 - 8 * ROUND))
-        above_q = tl.sum(tl.where(bins[None, :] > digit, table, 0), axis=1)       # [P_PAD] per program
-        if ROUND < 4:
-            if p == 0:
-                tl.store(state_ptr + row * 16 + ROUND * 4, prefix.to(tl.int32, bitcast=True))
-                tl.store(state_ptr + row * 16 + ROUND * 4 + 1, krem)
-                tl.store(state_ptr + row * 16 + ROUND * 4 + 2, n_sel)
-                tl.store(above_ptr + row * (4 * P_PAD) + (ROUND - 1) * P_PAD + progs, above_q)
-    if ROUND < 4:
-        # this round's histogram: byte ROUND of the keys whose higher bytes equal the threshold's
-        h = tl.zeros([256], dtype=tl.int32)
-        for j in range(0, tiles_per_prog):
-            offs = (p * tiles_per_prog + j) * TILE + tl.arange(0, TILE)
-            v = tl.load(score_ptr + row * stride_s + offs, mask=offs < n_vis, other=float("-inf"))
-            key = _float_to_key(v)
-            ok = (offs < n_vis) & (v > float("-inf"))
-            if ROUND > 0:
-                ok = ok & ((key >> (32 - 8 * ROUND)) == (prefix >> (32 - 8 * ROUND)))
-            byte = ((key >> (24 - 8 * ROUND)) & 255).to(tl.int32)
-            h += tl.histogram(byte, 256, mask=ok)
-        tl.store(hist_row + ROUND * (P_PAD * 256) + p * 256 + bins, h)
-    else:
-        # prefix is the threshold key tau; krem ties at tau are taken, the earliest first
-        ties_q = tl.sum(tl.where(bins[None, :] == digit, table, 0), axis=1)        # [P_PAD]
-        prev = tl.load(above_ptr + row * (4 * P_PAD) + tl.arange(0, 4)[:, None] * P_PAD + progs[None, :],
-                       mask=(tl.arange(0, 4)[:, None] < 3) & (progs[None, :] < n_prog), other=0)
-        above_q = above_q + tl.sum(prev, axis=0)                                   # keys > tau, per program
-        quota_q = tl.minimum(tl.maximum(krem - (tl.cumsum(ties_q, axis=0) - ties_q), 0), ties_q)
-        taken_q = above_q + quota_q
-        base = tl.sum(tl.where(progs < p, taken_q, 0), axis=0)
-        quota = tl.sum(tl.where(progs == p, quota_q, 0), axis=0)
-        out_idx = out_idx_ptr + row * K
-        out_val = out_val_ptr + row * K
-        ties_seen = 0
-        for j in range(0, tiles_per_prog):
-            offs = (p * tiles_per_prog + j) * TILE + tl.arange(0, TILE)
-            v = tl.load(score_ptr + row * stride_s + offs, mask=offs < n_vis, other=float("-inf"))
-            key = _float_to_key(v)
-            ok = (offs < n_vis) & (v > float("-inf"))
-            tie = ok & (key == prefix)
-            take = (ok & (key > prefix)) | (tie & (ties_seen + tl.cumsum(tie.to(tl.int32), axis=0) <= quota))
-            pos = base + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            tl.store(out_idx + pos, offs, mask=take)
-            tl.store(out_val + pos, v, mask=take)
-            base += tl.sum(take.to(tl.int32), axis=0)
-            ties_seen += tl.sum(tie.to(tl.int32), axis=0)
-        if p == 0:
-            slot = tl.arange(0, K_PAD)
-            pad = (slot >= n_sel) & (slot < K)
-            tl.store(out_idx + slot, tl.full([K_PAD], -1, tl.int32), mask=pad)
-            tl.store(out_val + slot, tl.full([K_PAD], float("-inf"), tl.float32), mask=pad)
+            match = ok & ((key >> (32 - 8 * r)) == (prefix >> (32 - 8 * r)))
+        h = tl.histogram(((key >> (24 - 8 * r)) & 255).to(tl.int32), 256, mask=match)
+        tl.atomic_add(totals + r * 256 + bins, h, mask=h > 0)
+        _grid_barrier(sync + r, n_prog)
+        hist = tl.load(totals + r * 256 + bins, cache_modifier=".cg")             # the whole row's
+        if r == 0:
+            n_sel = tl.minimum(tl.sum(hist, axis=0), K)
+            krem = n_sel
+        at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+        digit = tl.sum((at_or_above >= krem).to(tl.int32), axis=0) - 1          # 255 when krem == 0
+        krem = krem - tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        prefix = prefix | (digit.to(tl.uint32) << (24 - 8 * r))
+    # prefix is the threshold key tau, krem the ties at tau to take (the earliest first)
+    above = ok & (key > prefix)
+    tie = ok & (key == prefix)
+    tl.store(counts + 2 * p, tl.sum(above.to(tl.int32), axis=0))
+    tl.store(counts + 2 * p + 1, tl.sum(tie.to(tl.int32), axis=0))
+    _grid_barrier(sync + 4, n_prog)
+    progs = tl.arange(0, P_PAD)
+    above_q = tl.load(counts + 2 * progs, mask=progs < n_prog, other=0, cache_modifier=".cg")
+    ties_q = tl.load(counts + 2 * progs + 1, mask=progs < n_prog, other=0, cache_modifier=".cg")
+    quota_q = tl.minimum(tl.maximum(krem - (tl.cumsum(ties_q, axis=0) - ties_q), 0), ties_q)
+    base = tl.sum(tl.where(progs < p, above_q + quota_q, 0), axis=0)
+    quota = tl.sum(tl.where(progs == p, quota_q, 0), axis=0)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= quota))
+    pos = base + tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_idx_ptr + row * K + pos, offs, mask=take)
+    tl.store(out_val_ptr + row * K + pos, v, mask=take)
+    if p == 0:
+        slot = tl.arange(0, K_PAD)
+        pad = (slot >= n_sel) & (slot < K)
+        tl.store(out_idx_ptr + row * K + slot, tl.full([K_PAD], -1, tl.int32), mask=pad)
+        tl.store(out_val_ptr + row * K + slot, tl.full([K_PAD], float("-inf"), tl.float32), mask=pad)
 
 
-def _topk_rounds_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
-    """The same result as `_topk_triton` (same set, index order, -1 / -inf padding) for a few long rows:
-    five launches of `_radix_round_kernel` over up to 64 programs a row."""
+def _grid_tile(rows: int, S: int, device) -> int | None:
+    """The grid top-k's tile for rows of S scores: the first of _GRID_TILES whose programs fit one wave
+    (one program per SM), or None."""
+    limit = _num_sms(device) if device.type == "cuda" else rows     # the interpreter: one program a row
+    return next((tile for tile in _GRID_TILES if rows * triton.cdiv(S, tile) <= limit), None)
+
+
+def _topk_grid_triton(scores: torch.Tensor, t0: int, m: int, topk: int, tile: int):
+    """`_topk_triton`'s result for rows that `_grid_tile` fits: one cooperative launch."""
     B, T, S = scores.shape
     rows = B * T
-    tiles = triton.cdiv(S, _ROUND_TILE)
-    tiles_per_prog = triton.cdiv(tiles, _ROUND_MAX_PROGRAMS)
-    n_prog = triton.cdiv(tiles, tiles_per_prog)
+    n_prog = triton.cdiv(S, tile)
     P_PAD = max(2, triton.next_power_of_2(n_prog))
-    dev = scores.device
-    hist = torch.empty(rows, 4, P_PAD, 256, dtype=torch.int32, device=dev)
-    state = torch.empty(rows, 4, 4, dtype=torch.int32, device=dev)
-    above = torch.empty(rows, 4, P_PAD, dtype=torch.int32, device=dev)
-    idx = torch.empty(rows, topk, dtype=torch.int32, device=dev)
-    val = torch.empty(rows, topk, dtype=torch.float32, device=dev)
+    work = torch.zeros(rows, 8 + 1024 + 2 * P_PAD, dtype=torch.int32, device=scores.device)
+    idx = torch.empty(rows, topk, dtype=torch.int32, device=scores.device)
+    val = torch.empty(rows, topk, dtype=torch.float32, device=scores.device)
     src = scores.view(rows, S)
-    for rnd in range(5):
-        _radix_round_kernel[(rows, n_prog)](src, hist, state, above, idx, val, T, S, t0, m, n_prog,
-                                            tiles_per_prog, src.stride(0), K=topk,
-                                            K_PAD=max(2, triton.next_power_of_2(topk)), ROUND=rnd,
-                                            TILE=_ROUND_TILE, P_PAD=P_PAD, num_warps=8)
+    coop = {} if _INTERPRET else {"launch_cooperative_grid": True}
+    _grid_topk_kernel[(rows, n_prog)](src, work, idx, val, T, S, t0, m, n_prog, src.stride(0), K=topk,
+                                      K_PAD=max(2, triton.next_power_of_2(topk)), TILE=tile,
+                                      P_PAD=P_PAD, num_warps=_GRID_WARPS, **coop)
     return idx.view(B, T, topk), val.view(B, T, topk)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Kernel 3: sparse attention over the selected entries and the window, with the sink

@@ -98,19 +98,22 @@ def test_decode_splits_rows_and_agrees_with_prefill():
         torch.testing.assert_close(val_t, val[:, t:t + T], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["tree", "rounds"])
+@pytest.mark.parametrize("method", ["tree", "grid"])
 @pytest.mark.parametrize("pattern", ["ties", "rising", "random"])
 def test_decode_topk_is_exact(pattern, method, monkeypatch):
-    """A decode row over 600 entries, in 64-entry tiles (on a GPU too): through several merge levels
-    ('tree'), or the row-wide radix select over 4 programs of 3 tiles each ('rounds'). 'ties': 10
-    positive scores scattered among exact zeros, so 22 of the top 32 are zeros, which must be the
-    earliest ones; 'rising': scores grow with the index, so every pick sits in the last tiles;
+    """A decode row over 600 entries, in 64-entry tiles on a GPU too: through several merge levels
+    ('tree'), or the row-wide radix select in one launch ('grid': 10 programs a row meeting at barriers
+    on a GPU; one program a row under the interpreter, which runs programs one after another).
+    'ties': 10 positive scores scattered among exact zeros, so 22 of the top 32 are zeros, which must be
+    the earliest ones; 'rising': scores grow with the index, so every pick sits in the last tiles;
     'random': plain random scores."""
     monkeypatch.setattr(csa_select, "_TOPK_TILE", 64)
     monkeypatch.setattr(csa_select, "_TOPK_TILE_FEW_ROWS", 64)
     monkeypatch.setattr(csa_select, "_DECODE_TOPK", method)
-    monkeypatch.setattr(csa_select, "_ROUND_TILE", 64)
-    monkeypatch.setattr(csa_select, "_ROUND_MAX_PROGRAMS", 4)
+    monkeypatch.setattr(csa_select, "_GRID_TILES", (64,) if DEVICE == "cuda" else (1024,))
+    calls = []                                                   # the grid path ran (and the tree's did not)
+    real = csa_select._topk_grid_triton
+    monkeypatch.setattr(csa_select, "_topk_grid_triton", lambda *a: calls.append(a[-1]) or real(*a))
     B, S, topk = 2, 600, 32
     q, w, k = indexer_inputs(B, 1, H=4, D=16, S=S, seed=9)
     q, w, k = q.abs(), w.abs(), k.abs()
@@ -123,6 +126,7 @@ def test_decode_topk_is_exact(pattern, method, monkeypatch):
     else:
         q, w, k = indexer_inputs(B, 1, H=4, D=16, S=S, seed=10)
     idx, val = csa_topk(q, w, k, m=4, t0=4 * S, topk=topk, use_kernel=True)
+    assert calls == ([] if method == "tree" else [csa_select._GRID_TILES[0]])
     want_idx, want_val = csa_topk_reference(q, w, k, 4, 4 * S, topk)
     if pattern == "ties":
         assert (want_val == 0).sum() == B * 22
