@@ -15,9 +15,9 @@ per 128-dim row, the activation format of kernels/fp8_gemm.py), in FP8 as V3.2's
 are quantised the same way, their scales folded into w, and the dots run on the FP8 tensor cores. Every
 product of two e4m3 values is exact in fp32, so the reference (the same quantised values in fp32) differs
 only in the order of the sums (and, on Hopper, by the FP8 MMA's ~14-bit accumulation); the bytes read
-per decode step halve. fp32 inputs (the tests) get full-fp32 dots (`input_precision="ieee"`), not
-Triton's TF32 default. Each kernel has a plain PyTorch reference next to
-it (`*_reference`), and the public functions `indexer_scores`, `csa_topk` and `sparse_attention` pick
+per decode step halve (the score kernel quantises the queries itself). fp32 inputs (the tests) get
+full-fp32 dots (`input_precision="ieee"`), not Triton's TF32 default. Each kernel has a plain PyTorch
+reference next to it (`*_reference`), and the public functions `indexer_scores`, `csa_topk` and `sparse_attention` pick
 the kernel on CUDA and the reference elsewhere (`use_kernel=False` forces the reference).
 
 Kernels:
@@ -31,10 +31,14 @@ Kernels:
   threshold; and writes the keys above it and the first ties at it, in index order. The set is exactly
   that of "a stable sort, descending, first k" (attention.py's `csa_select`); it stays in index order,
   as attention does not care about the order (a final sort by score cost 2.6 of the 35 us of a decode
-  top-k on an H200, `bench/bench_csa_select.py`). A row longer than a tile (decode
-  over 262144 entries: 64 tiles) leaves one list per tile; further launches of the same kernel merge
-  groups of lists that fill a tile (8 lists of 512) until one is left. Only reductions and scans: no
-  atomics, so the result never depends on timing.
+  top-k on an H200, `bench/bench_csa_select.py`). A row longer than a tile (a 64K-token prefill's
+  16384 entries: 4 tiles) leaves one list per tile; further launches of the same kernel merge groups of
+  lists that fill a tile (8 lists of 512) until one is left. Only reductions and scans: no atomics, so
+  the result never depends on timing.
+- `_grid_topk_kernel`: decode, one or two long rows (262144 entries at a 1M-token context). The merge
+  tree would need three dependent levels there; instead the row is spread over up to one program per
+  SM and one radix select, a byte a round, runs over the whole row in one launch, the programs meeting
+  at grid-wide barriers (a cooperative launch). Same result as the tree, bit for bit.
 - `_sparse_attention_kernel`: one program per (query, group of heads). All heads of the group share
   the one K == V head, so each gathered row is loaded once for all of them (heads on the MMA's M).
   The sink starts the online softmax: running max = sink, running denominator = exp(sink - max) = 1.
@@ -388,8 +392,10 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
 # one after another, a barrier would wait forever: there a row is one program (the CPU tests); the
 # multi-program path is tested on the GPU (tests/test_csa_select.py).
 # Tiles tried in turn, the first whose programs fit one wave wins. On an H200, one row of 262144 scores
-# (bench/bench_csa_select.py): 21.7 us in tiles of 2048 (128 programs), 26.0 in tiles of 4096, against
-# 32.5 for the tree; 8 warps a program (4: 24.6 / 39.9 us, 16: 29.3 at 4096).
+# (bench/bench_csa_select.py): 22.1 us in tiles of 2048 (128 programs), 26.2 in tiles of 4096, against
+# 32.5 for the tree; 8 warps a program (4: 24.9 / 40.6 us, 16: 29.4 at 4096). A version with one
+# launch a round (five launches, the rounds' histograms summed from per-program tables) took 29.9 us:
+# each launch cost ~5.5 us, most of it the launch and reloading the tile, not the counting.
 _GRID_TILES = (1024,) if _INTERPRET else (2048, 4096)
 _GRID_WARPS = 8
 
