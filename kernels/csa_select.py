@@ -52,6 +52,7 @@ them; the tests feed fp32, since the interpreter's bf16 arithmetic is not trustw
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -344,7 +345,9 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
     A row longer than a tile is cut into tiles, each of which keeps its top-k in index order; the next
     launch merges groups of those lists, tile by tile, until one list is left: the answer, in index
     order. Each program's output depends only on its inputs, so the result is deterministic (ties: the
-    earlier entry)."""
+    earlier entry). A few long rows (decode) go to `_grid_topk_kernel` instead, one launch, where its
+    programs fit one wave of the GPU; the same result."""
+    global _DECODE_TOPK
     B, T, S = scores.shape
     rows = B * T
     K_PAD = max(2, triton.next_power_of_2(topk))
@@ -352,7 +355,12 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
     tile_max = max(_TOPK_TILE_FEW_ROWS if few else _TOPK_TILE, 2 * K_PAD)   # a merge takes >= 2 lists
     grid_tile = _grid_tile(rows, S, scores.device) if few and S > tile_max and _DECODE_TOPK == "grid" else None
     if grid_tile:                                       # a few long rows: one launch (below)
-        return _topk_grid_triton(scores, t0, m, topk, grid_tile)
+        try:
+            return _topk_grid_triton(scores, t0, m, topk, grid_tile)
+        except RuntimeError as e:   # e.g. SMs held by another process: the cooperative launch is refused
+            _DECODE_TOPK = "tree"
+            warnings.warn(f"csa_select: the one-launch decode top-k failed ({str(e)[:200]}); using the merge "
+                          "tree from now on")
     idx = torch.empty(rows, topk, dtype=torch.int32, device=scores.device)
     val = torch.empty(rows, topk, dtype=torch.float32, device=scores.device)
     src_val, src_idx, row_len, seg_len, causal = scores.view(rows, S), scores, S, tile_max, True

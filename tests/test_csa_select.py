@@ -136,6 +136,22 @@ def test_decode_topk_is_exact(pattern, method, monkeypatch):
     torch.testing.assert_close(val, want_val, rtol=1e-5, atol=1e-6)
 
 
+def test_decode_topk_falls_back_to_the_tree(monkeypatch):
+    """A refused cooperative launch (another process holding SMs) warns and leaves the tree's answer."""
+    monkeypatch.setattr(csa_select, "_DECODE_TOPK", "grid")
+    monkeypatch.setattr(csa_select, "_TOPK_TILE_FEW_ROWS", 64)
+
+    def refused(*args):
+        raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+    monkeypatch.setattr(csa_select, "_topk_grid_triton", refused)
+    q, w, k = indexer_inputs(B=1, T=1, H=4, D=16, S=300, seed=4)
+    with pytest.warns(UserWarning, match="merge tree"):
+        idx, val = csa_topk(q, w, k, m=4, t0=1200, topk=16, use_kernel=True)
+    assert csa_select._DECODE_TOPK == "tree"
+    want_idx, _ = csa_topk_reference(q, w, k, 4, 1200, 16)
+    assert torch.equal(idx, want_idx)
+
+
 def attention_inputs(B, T, n_h, c, S, topk, L, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, n_h, c, generator=g)
