@@ -501,6 +501,7 @@ def _topk_grid_triton(scores: torch.Tensor, t0: int, m: int, topk: int, tile: in
                                       P_PAD=P_PAD, num_warps=_GRID_WARPS, **coop)
     return idx.view(B, T, topk), val.view(B, T, topk)
 
+
 # ----------------------------------------------------------------------------------------------------
 # Kernel 3: sparse attention over the selected entries and the window, with the sink
 # ----------------------------------------------------------------------------------------------------
