@@ -124,7 +124,8 @@ def decode_case(B, S):
         if method == "tree":
             tree = got
         else:
-            print(f"  {method} == tree, indices and scores: {torch.equal(got[0], tree[0]) and torch.equal(got[1], tree[1])}")
+            same = torch.equal(got[0], tree[0]) and torch.equal(got[1], tree[1])
+            print(f"  {method} == tree, indices and scores: {same}")
     cs._DECODE_TOPK = default_method
     default_warps = cs._GRID_WARPS
     sms = torch.cuda.get_device_properties(0).multi_processor_count
