@@ -18,7 +18,8 @@ only in the order of the sums (and, on Hopper, by the FP8 MMA's ~14-bit accumula
 per decode step halve (the score kernel quantises the queries itself). fp32 inputs (the tests) get
 full-fp32 dots (`input_precision="ieee"`), not Triton's TF32 default. Each kernel has a plain PyTorch
 reference next to it (`*_reference`), and the public functions `indexer_scores`, `csa_topk` and
-`sparse_attention` pick the kernel on CUDA and the reference elsewhere (`use_kernel=False` forces the reference).
+`sparse_attention` pick the kernel on CUDA and the reference elsewhere (`use_kernel=False` forces the
+reference).
 
 Kernels:
 - `_indexer_scores_kernel`: one program per (block of queries, chunk of entries). The queries' heads
