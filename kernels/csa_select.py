@@ -358,7 +358,8 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
     if grid_tile:                                       # a few long rows: one launch (below)
         try:
             return _topk_grid_triton(scores, t0, m, topk, grid_tile)
-        except RuntimeError as e:   # e.g. SMs held by another process: the cooperative launch is refused
+        except (RuntimeError, TypeError) as e:   # the cooperative launch refused (SMs held by another
+            # process) or not known to this Triton
             _DECODE_TOPK = "tree"
             warnings.warn(f"csa_select: the one-launch decode top-k failed ({str(e)[:200]}); using the merge "
                           "tree from now on")
