@@ -30,7 +30,6 @@ from kernels import csa_select as cs  # noqa: E402
 H, D, TOPK, M = 64, 128, 512, 4                   # V4-Flash lightning indexer
 N_H, C, WINDOW = 64, 512, 128                     # V4-Flash core attention
 ROWS = []                                         # (case, kernel, baseline, ratio, target, verdict)
-DECODE_METHODS = ["tree", "grid"]                 # --decode-methods
 
 
 def indexer_inputs(B, T, S, seed=0):
@@ -115,7 +114,7 @@ def decode_case(B, S):
     print(f"decode B={B}: scores kernel {us_scores:.1f} us + top-k kernels {us_topk:.1f} us "
           f"(tile {cs._TOPK_TILE_FEW_ROWS})")
     default_method = cs._DECODE_TOPK
-    for method in DECODE_METHODS:                   # the merge tree against the row-wide radix selects
+    for method in ("tree", "grid"):                # the merge tree against the row-wide radix select
         cs._DECODE_TOPK = method
         us = 1e3 * do_bench_cudagraph(lambda: cs._topk_triton(scores, t0, M, TOPK), rep=50)
         got = cs._topk_triton(scores, t0, M, TOPK)
@@ -129,8 +128,7 @@ def decode_case(B, S):
     cs._DECODE_TOPK = default_method
     default_warps = cs._GRID_WARPS
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for tile, warps in [] if "grid" not in DECODE_METHODS else [(2048, 4), (2048, 8), (4096, 4), (4096, 8),
-                                                                 (4096, 16), (8192, 8), (8192, 16)]:
+    for tile, warps in [(2048, 4), (2048, 8), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16)]:
         if B * triton.cdiv(S, tile) > sms:          # the grid's programs must fit one wave
             continue
         cs._GRID_WARPS = warps
@@ -199,10 +197,7 @@ def main():
     parser.add_argument("--decode-entries", type=int, default=262144, help="compressed entries seen in decode")
     parser.add_argument("--attention-tokens", type=int, nargs="+", default=[4096, 16384],
                         help="query counts for the sparse attention")
-    parser.add_argument("--decode-methods", nargs="+", default=DECODE_METHODS, choices=["tree", "grid"],
-                        help="decode top-k implementations to time side by side")
     args = parser.parse_args()
-    DECODE_METHODS[:] = args.decode_methods
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
