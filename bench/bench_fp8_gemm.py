@@ -17,12 +17,14 @@ at each GEMM shape the four are timed in turn, three times over, and each report
     python3 bench/bench_fp8_gemm.py --no-warp-specialize   # drop those tuning candidates
     python3 bench/bench_fp8_gemm.py --pair-ablation        # best with / without K slices in pairs
     python3 bench/bench_fp8_gemm.py --sweep 8192 8192 8192 # every candidate at one shape
+    python3 bench/bench_fp8_gemm.py --sweep 8192 8192 8192 --match 'pair|gluon'   # some of them
 """
 
 import argparse
 import dataclasses
 import itertools
 import os
+import re
 import sys
 import time
 
@@ -269,6 +271,8 @@ def main():
     parser.add_argument("--sweep", type=int, nargs=3, metavar=("M", "N", "K"),
                         help="only time every large-M candidate (and a few variants of the pair ones) at "
                              "this shape, each over rotating inputs, then exit")
+    parser.add_argument("--match", metavar="REGEX",
+                        help="with --sweep: only the candidates whose description (as printed) matches")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench measuring time per number (ms)")
     parser.add_argument("--interleave", type=int, default=3,
                         help="time Triton, plain, cuBLAS and bf16 in turn this many times at each GEMM shape "
@@ -287,7 +291,7 @@ def main():
           f"TMA descriptors: {fp8.TensorDescriptor is not None}")
     start = time.time()
     if args.sweep:
-        sweep(*args.sweep, args.rep_ms)
+        sweep(*args.sweep, args.rep_ms, args.match)
         return
     shapes = QUICK_SHAPES if args.quick else GEMM_SHAPES
     torch.manual_seed(0)
@@ -328,7 +332,7 @@ def main():
               f"| {gbs / copy_gbs:5.2f} {gbs / same_gbs:13.2f}")
 
 
-def sweep(M, N, K, rep_ms):
+def sweep(M, N, K, rep_ms, match=None):
     """TFLOP/s of every large-M candidate at one shape, plus variants of the pair configurations
     (grouping 4 / 16, two programs per SM), each over rotating inputs."""
     next_input = rotating(lambda: gemm_inputs(M, N, K), 3 * (M * K + N * K))
@@ -337,6 +341,8 @@ def sweep(M, N, K, rep_ms):
     extra += [dataclasses.replace(c, persistent=2) for c in fp8.GEMM_CANDIDATES_LARGE_M
               if c.pair and c.block_m == 128 and c.block_n == 128 and c.persistent == 1]
     for cfg in [fp8.PLAIN_CONFIG] + fp8.GEMM_CANDIDATES_LARGE_M + extra:
+        if match and not re.search(match, describe(cfg)):
+            continue
         def step():
             _, _, a, a_s, b, b_s, _ = next_input()
             fp8.fp8_gemm(a, a_s, b, b_s, config=cfg)
@@ -350,7 +356,7 @@ def sweep(M, N, K, rep_ms):
 def describe(c):
     return (f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}" + (" tma" if c.tma else "")
             + (f" persistent x{c.persistent}" if c.persistent else "") + (" ws" if c.warp_specialize else "")
-            + (" pair" if c.pair else ""))
+            + (" pair" if c.pair else "") + (" gluon" if c.gluon else ""))
 
 
 if __name__ == "__main__":

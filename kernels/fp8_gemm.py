@@ -57,6 +57,8 @@ try:
 except ImportError:
     TensorDescriptor = None
 
+from kernels import fp8_gemm_hopper
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 AMAX_MIN = 1e-4
@@ -404,6 +406,8 @@ class GemmConfig:
     persistent: int = 0            # programs per SM, each looping over tiles (0: one program per tile)
     warp_specialize: bool = False  # let Triton split loads and MMA into separate warps
     pair: bool = False             # two K slices per iteration: one's MMA overlaps the other's scaling
+    gluon: bool = False            # kernels/fp8_gemm_hopper.py instead (Hopper; block_m 128, TMA,
+                                   # persistent; num_stages is its ring's depth)
 
 
 # The readable baseline (pointers, one program per tile); used under the interpreter and as the
@@ -430,7 +434,12 @@ GEMM_CANDIDATES_LARGE_M = [
 ] + [
     GemmConfig(block_m, block_n, 8, 4, 2, tma=True, persistent=persistent, pair=True)
     for block_m, block_n in ((64, 128), (128, 64)) for persistent in (0, 2)
-] + [GemmConfig(128, 128, 8, 8, 4)]
+] + [GemmConfig(128, 128, 8, 8, 4)] + [
+    # the Gluon kernel: a TMA loader warp and two consumer warpgroups that keep one K slice's MMA in
+    # flight while the previous partial is scaled (all of it, where PAIR overlaps half)
+    GemmConfig(128, 128, group_m, 8, stages, tma=True, persistent=1, gluon=True)
+    for stages in (4, 5) for group_m in (8, 16)
+]
 GEMM_CANDIDATES_SMALL_M = [   # decode: memory-bound on the weight; narrow tiles give every SM work
     GemmConfig(64, block_n, 8, 4, stages, tma=True) for block_n in (32, 64, 128) for stages in (3, 5)
 ] + [GemmConfig(64, 64, 8, 4, 4)]
@@ -461,6 +470,13 @@ def _launch_gemm(a, a_s, b, b_s, cfg: GemmConfig, groups=None) -> torch.Tensor:
         return c.zero_()
     if BLOCK % cfg.block_n:
         raise ValueError(f"block_n must divide {BLOCK}, got {cfg.block_n}")
+    if cfg.gluon:
+        if not fp8_gemm_hopper.supported(a, a_s, b, c) or cfg.block_m != 128:
+            raise ValueError("the Gluon kernel needs Hopper, Triton >= 3.5, block_m = 128, M a multiple "
+                             "of 4, 16-byte aligned rows and column-major activation scales")
+        return fp8_gemm_hopper.launch(a, a_s, b, b_s, c, block_n=cfg.block_n, group_m=cfg.group_m,
+                                      stages=cfg.num_stages, num_programs=cfg.persistent * _num_sms(c.device),
+                                      groups=groups)
     a_arg, b_arg, c_arg = a, b, c
     if cfg.tma:
         if not _tma_ok(a, b, c):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from kernels import fp8_gemm_hopper
 from kernels.fp8_gemm import (BLOCK, FP8_DTYPE, FP8_MAX, PLAIN_CONFIG, Fp8Linear, GemmConfig, act_quant,
                               act_quant_ref, convert_to_fp8, dequant, dequant_ref, fp8_gemm, fp8_grouped_gemm,
                               fp8_batched_linear, fp8_grouped_gemm_ref, fp8_grouped_linear, weight_quant,
@@ -101,6 +102,15 @@ def test_dequant_matches_reference(block_rows, dtype):
     assert torch.equal(dequant(q, s, block_rows, dtype, impl="triton"), dequant_ref(q, s, block_rows, dtype))
 
 
+# The Gluon kernel (kernels/fp8_gemm_hopper.py) runs on Hopper only: the CPU interpreter cannot run Gluon
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and fp8_gemm_hopper.HAS_GLUON
+GLUON = GemmConfig(128, 128, num_warps=8, num_stages=4, tma=True, persistent=1, gluon=True)
+
+
+def on_hopper(*case):
+    return pytest.param(*case, marks=pytest.mark.skipif(not HOPPER, reason="Gluon kernel: Hopper GPU only"))
+
+
 GEMM_CASES = [   # (M, N, K, config): the plain kernel, TMA (K and 2N multiples of 16), persistent, grouped
     (1, 130, 260, PLAIN_CONFIG),
     (200, 260, 130, PLAIN_CONFIG),
@@ -111,6 +121,13 @@ GEMM_CASES = [   # (M, N, K, config): the plain kernel, TMA (K and 2N multiples 
     # K slices in pairs: an odd count (3) on pointers, persistent; an even count (4) on TMA
     (130, 200, 300, GemmConfig(64, 64, group_m=1, persistent=1, pair=True)),
     (150, 256, 512, GemmConfig(128, 128, num_warps=8, tma=True, pair=True)),
+    # Gluon: 3 K slices (the last partial), 4 (even) with a ragged N, 1 (no loop), and more tiles than
+    # SMs (144 on an H200's 132: the ring's phases carry over from tile to tile)
+    on_hopper(200, 256, 272, GLUON),
+    on_hopper(132, 136, 512, GemmConfig(128, 128, group_m=16, num_warps=8, num_stages=5, tma=True,
+                                        persistent=1, gluon=True)),
+    on_hopper(260, 264, 128, GLUON),
+    on_hopper(2048, 1152, 384, GLUON),
 ]
 
 
@@ -138,7 +155,8 @@ def test_gemm_matches_fp64(M, N, K, config):
 # and K; the pointer path, one persistent, one on TMA descriptors, one with K slices in pairs
 GROUPED_CASES = [(200, 130, PLAIN_CONFIG), (136, 272, GemmConfig(64, 32, group_m=2, persistent=1)),
                  (256, 144, GemmConfig(64, 64, group_m=1, tma=True)),
-                 (136, 400, GemmConfig(64, 32, group_m=2, persistent=1, pair=True))]
+                 (136, 400, GemmConfig(64, 32, group_m=2, persistent=1, pair=True)),
+                 on_hopper(136, 400, GLUON)]
 
 
 @pytest.mark.parametrize("N, K, config", GROUPED_CASES)
