@@ -262,6 +262,12 @@ elif [ "$1" = 19 ]; then
   job 0 230 $PY bench/bench_fp8_gemm.py
   job 0 200 $PY bench/bench_csa_select.py --attention-tokens 4096
   job 0 150 $PY -m pytest -q -x tests/test_csa_select.py
+elif [ "$1" = 20 ]; then
+  # the sixth session (one H200): the FP8 GEMM with the Gluon kernel among the candidates, the CUDA tests
+  # of the CSA kernels, the CSA bench with the grid top-k's histogram atomics relaxed
+  job 0 300 $PY bench/bench_fp8_gemm.py
+  job 0 150 $PY -m pytest -q -x tests/test_csa_select.py
+  job 0 200 $PY bench/bench_csa_select.py --attention-tokens 4096
 elif [ "$1" = 5 ]; then
   corpus
   fsdp 1 0; fsdp 2 0,1; fsdp 4 0,1,2,3     # FSDP2 scaling, each size alone on the machine

@@ -226,7 +226,8 @@ def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, T, S, t0, m, s_
 
 _SCORE_CONFIGS = [triton.Config({"BT": bt, "BS": bs}, num_warps=nw, num_stages=ns)
                   for bt, bs, nw, ns in [(1, 128, 4, 3), (1, 64, 4, 3), (2, 128, 8, 3), (2, 64, 4, 3),
-                                         (4, 64, 8, 2), (1, 256, 8, 3), (1, 128, 4, 5)]]
+                                         (4, 64, 8, 2), (1, 256, 8, 3), (1, 128, 4, 5),
+                                         (1, 64, 4, 4)]]
 _indexer_scores_tuned = triton.autotune(_SCORE_CONFIGS, key=["T", "H", "D"])(_indexer_scores_kernel)
 
 
@@ -447,7 +448,7 @@ def _grid_topk_kernel(score_ptr, work_ptr, out_idx_ptr, out_val_ptr, T, S, t0, m
         else:
             match = ok & ((key >> (32 - 8 * r)) == (prefix >> (32 - 8 * r)))
         h = tl.histogram(((key >> (24 - 8 * r)) & 255).to(tl.int32), 256, mask=match)
-        tl.atomic_add(totals + r * 256 + bins, h, mask=h > 0)
+        tl.atomic_add(totals + r * 256 + bins, h, mask=h > 0, sem="relaxed")   # ordered by the barrier
         _grid_barrier(sync + r, n_prog)
         hist = tl.load(totals + r * 256 + bins, cache_modifier=".cg")             # the whole row's
         if r == 0:
