@@ -2,9 +2,7 @@
 
 At the V4-Flash indexer size (64 heads x 128 dims, top-512, m = 4) it times
   - a 64K-token prefill's selection: 65536 queries over 16384 compressed entries;
-  - decode selection over 262144 entries (a 1M-token context), B = 1 and B = 8, under CUDA graphs,
-    with a breakdown: the score kernel, the top-k kernels, and where they fit one wave the scores and
-    the grid top-k in one launch (`_grid_select_kernel`, csa_topk's default there) against the two;
+  - decode selection over 262144 entries (a 1M-token context), B = 1 and B = 8, under CUDA graphs;
 against the baseline einsum + relu + weighted sum + torch.topk (chunked over queries where it would
 not fit), and the sparse attention (64 heads, head dim 512, 512 selected + 128 window) in TFLOP/s.
 Targets (issue 10): prefill selection >= 5x the baseline, decode selection < 40 us (one sequence),
@@ -139,7 +137,6 @@ def decode_case(B, S):
         print(f"  grid, tiles of {tile}, {triton.cdiv(S, tile)} programs a row, {warps} warps: {us:.1f} us "
               f"(== tree: {same})")
     cs._GRID_WARPS = default_warps
-    fused_case(q, w, k, t0, tree)
     ROWS.append((f"decode select B={B} S={S // 1024}K", f"{us_kernel:.1f} us", f"{us_base:.1f} us",
                  us_base / us_kernel, *target(B, us_kernel)))
     # the FP8 indexer: keys stored in e4m3 with a scale each (V4 keeps them in FP4), queries quantised
@@ -150,7 +147,6 @@ def decode_case(B, S):
     err = ((val.sort(-1).values - ref_val.sort(-1).values).abs().max() / ref_val.abs().max()).item()
     print(f"check decode B={B} FP8 keys: selected-score error {err:.1e} -> {'ok' if err < 1e-3 else 'FAILED'}")
     us_fp8 = 1e3 * do_bench_cudagraph(lambda: cs.csa_topk(q, w, k8, M, t0, TOPK, k_scale=k_scale), rep=50)
-    fused_case(q, w, k8, t0, None, k_scale)
     us_scores = 1e3 * do_bench_cudagraph(lambda: cs._scores_triton(q, w, k8, M, t0, scores, k_scale), rep=50)
     q8, w8 = cs.fp8_queries(q, w)
     us_pre = 1e3 * do_bench_cudagraph(lambda: cs._scores_triton(q8, w8, k8, M, t0, scores, k_scale), rep=50)
@@ -160,48 +156,6 @@ def decode_case(B, S):
           f"quantised beforehand instead: {us_quant:.1f} us + scores {us_pre:.1f} us")
     ROWS.append((f"decode select B={B} FP8 keys", f"{us_fp8:.1f} us", f"{us_base:.1f} us",
                  us_base / us_fp8, *target(B, us_fp8)))
-
-
-def fused_case(q, w, k, t0, tree, k_scale=None):
-    """The decode selection in one launch (scores, then the grid top-k, `_grid_select_kernel`) against
-    csa_topk's two (the score kernel, then the grid top-k: `_DECODE_FUSED` off), and a sweep of its
-    tile, score block and pipeline depth. Tiles of 1024 need two programs per SM: the driver refuses
-    the cooperative launch where they do not fit (printed, not timed)."""
-    B, S = q.shape[0], k.shape[1]
-    label = "FP8 keys" if k_scale is not None else "bf16 keys"
-    tile = cs._decode_grid_tile(B, S, TOPK, q.device)
-    if not tile or not cs._DECODE_FUSED:
-        print(f"  one-launch selection, {label}: not used here (rows x programs > SMs, or switched off)")
-        return
-    us_fused = 1e3 * do_bench_cudagraph(lambda: cs._select_grid_triton(q, w, k, M, t0, TOPK, tile, k_scale), rep=50)
-    fused = cs._select_grid_triton(q, w, k, M, t0, TOPK, tile, k_scale)
-    cs._DECODE_FUSED = False
-    try:
-        us_unfused = 1e3 * do_bench_cudagraph(lambda: cs.csa_topk(q, w, k, M, t0, TOPK, k_scale=k_scale), rep=50)
-        unfused = cs.csa_topk(q, w, k, M, t0, TOPK, k_scale=k_scale)
-    finally:
-        cs._DECODE_FUSED = True
-    us_default = 1e3 * do_bench_cudagraph(lambda: cs.csa_topk(q, w, k, M, t0, TOPK, k_scale=k_scale), rep=50)
-    same = torch.equal(fused[0], unfused[0]) and torch.equal(fused[1], unfused[1])
-    err = (fused[1].sort(-1).values - unfused[1].sort(-1).values).abs().max().item()
-    print(f"  one-launch selection, {label}: kernel {us_fused:.1f} us (tiles of {tile}, score blocks of "
-          f"{cs._GRID_SCORE_BS}, {cs._GRID_STAGES} stages); csa_topk fused {us_default:.1f} us against unfused "
-          f"{us_unfused:.1f} us (scores + top-k); == unfused: {same} (selected-score difference {err:.1e})"
-          + ("" if tree is None else f"; indices == tree: {torch.equal(fused[0], tree[0])}"))
-    defaults = cs._GRID_SCORE_BS, cs._GRID_STAGES
-    for tile_, bs, stages in [(t, bs, st) for t in (1024, 2048, 4096)
-                              for bs, st in ((128, 2), (128, 3), (128, 4), (64, 3), (64, 4))]:
-        cs._GRID_SCORE_BS, cs._GRID_STAGES = bs, stages
-        try:
-            got = cs._select_grid_triton(q, w, k, M, t0, TOPK, tile_, k_scale)   # refused before any timing
-            us = 1e3 * do_bench_cudagraph(lambda: cs._select_grid_triton(q, w, k, M, t0, TOPK, tile_, k_scale),
-                                          rep=50)
-            print(f"    tiles of {tile_} ({triton.cdiv(S, tile_)} programs a row), blocks of {bs}, {stages} "
-                  f"stages: {us:.1f} us (indices == unfused: {torch.equal(got[0], unfused[0])})")
-        except (RuntimeError, TypeError) as e:
-            print(f"    tiles of {tile_}, blocks of {bs}, {stages} stages: refused ({str(e)[:80]})")
-        finally:
-            cs._GRID_SCORE_BS, cs._GRID_STAGES = defaults
 
 
 def attention_inputs(T, S, seed=0):

@@ -40,9 +40,6 @@ Kernels:
   tree would need three dependent levels there; instead the row is spread over up to one program per
   SM and one radix select, a byte a round, runs over the whole row in one launch, the programs meeting
   at grid-wide barriers (a cooperative launch). Same result as the tree, bit for bit.
-- `_grid_select_kernel`: the same, with the scores computed in the same launch: each program first
-  runs the score kernel's loop (`_indexer_scores_block`) over its own tile of the row, for its one
-  query. `csa_topk` takes it wherever the grid top-k would run (`_DECODE_FUSED`).
 - `_sparse_attention_kernel`: one program per (query, group of heads). All heads of the group share
   the one K == V head, so each gathered row is loaded once for all of them (heads on the MMA's M).
   The sink starts the online softmax: running max = sink, running denominator = exp(sink - max) = 1.
@@ -82,9 +79,6 @@ _TOPK_WARPS_FEW_ROWS = 8
 # (`_grid_topk_kernel`) where the rows' programs fit one wave of the GPU, else the merge tree; "tree":
 # the merge tree always
 _DECODE_TOPK = "grid"
-# where the grid top-k applies, compute the scores in the same launch (`_grid_select_kernel`); False:
-# the score kernel, then the grid top-k
-_DECODE_FUSED = True
 
 
 def _dot_precision(dtype: torch.dtype):
@@ -180,23 +174,24 @@ def sparse_attention_reference(q, kv, entries, entry_idx, attn_sink, t0: int, wi
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _indexer_scores_block(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, b, t_first, s_start, s_len, T, S, t0, m,
-                          sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, sks_b, so_b, so_t, so_s,
-                          H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                          BT: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          KEY_SCALE: tl.constexpr, QUANT_Q: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
-    """I of queries t_first .. t_first+BT-1 over entries s_start .. s_start+s_len-1 of sequence b into
-    out [B, T, S], -inf where invisible. Entries past the last query's visible count are not written,
-    except the rest of its last block of BS (as -inf); with s_start and s_len multiples of BS, that
-    block lies inside this chunk."""
-    tq = t_first + tl.arange(0, BT)
+def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, T, S, t0, m, s_chunk,
+                           sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, sks_b,
+                           so_b, so_t, so_s,
+                           H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                           BT: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           KEY_SCALE: tl.constexpr, QUANT_Q: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    tq = pid_t * BT + tl.arange(0, BT)
     n_vis = tl.minimum((t0 + tq + 1) // m, S)                                     # [BT]
-    t_last = tl.minimum(t_first + BT, T) - 1                                      # sees the most entries
-    s_end = tl.minimum(tl.minimum((t0 + t_last + 1) // m, S), s_start + s_len)
+    t_last = tl.minimum(pid_t * BT + BT, T) - 1                                   # sees the most entries
+    s_start = pid_s * s_chunk
+    s_end = tl.minimum(tl.minimum((t0 + t_last + 1) // m, S), s_start + s_chunk)
     # the BT queries' heads, (query, head) flattened with the head fastest, loaded once (not at all
     # when this chunk of entries is invisible to every one of them)
     n = tl.arange(0, BT * H_PAD)
-    t_n = t_first + n // H_PAD
+    t_n = pid_t * BT + n // H_PAD
     h_n = n % H_PAD
     d = tl.arange(0, D_PAD)
     row_ok = (t_n < tl.where(s_start < s_end, T, 0)) & (h_n < H)
@@ -215,7 +210,7 @@ def _indexer_scores_block(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, b, t_first, s_st
         qb = qf.to(k_ptr.dtype.element_ty)
         wb = wb * q_scale
     qT = tl.trans(qb)                                                             # [D_PAD, BT*H_PAD]
-    for s0 in range(s_start, s_end, BS):                # pipelined: the kernel's num_stages
+    for s0 in range(s_start, s_end, BS):
         s = s0 + tl.arange(0, BS)
         kb = tl.load(k_ptr + b * sk_b + s[:, None].to(tl.int64) * sk_s + d[None, :] * sk_d,
                      mask=(s[:, None] < S) & (d[None, :] < D), other=0.0)         # [BS, D_PAD]
@@ -229,36 +224,11 @@ def _indexer_scores_block(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, b, t_first, s_st
                  mask=(s[:, None] < S) & (tq[None, :] < T))
 
 
-@triton.jit
-def _indexer_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, T, S, t0, m, s_chunk,
-                           sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, sks_b,
-                           so_b, so_t, so_s,
-                           H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                           BT: tl.constexpr, BS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           KEY_SCALE: tl.constexpr, QUANT_Q: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
-    """Program (i, j, b): queries i*BT .. i*BT+BT-1 of sequence b over entries j*s_chunk .. +s_chunk-1."""
-    _indexer_scores_block(q_ptr, w_ptr, k_ptr, ks_ptr, out_ptr, tl.program_id(2).to(tl.int64),
-                          tl.program_id(0) * BT, tl.program_id(1) * s_chunk, s_chunk, T, S, t0, m,
-                          sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, sks_b, so_b, so_t, so_s,
-                          H, D, H_PAD, D_PAD, BT, BS, DOT_PRECISION, KEY_SCALE, QUANT_Q, ROUND_ON_GRID)
-
-
 _SCORE_CONFIGS = [triton.Config({"BT": bt, "BS": bs}, num_warps=nw, num_stages=ns)
                   for bt, bs, nw, ns in [(1, 128, 4, 3), (1, 64, 4, 3), (2, 128, 8, 3), (2, 64, 4, 3),
                                          (4, 64, 8, 2), (1, 256, 8, 3), (1, 128, 4, 5),
                                          (1, 64, 4, 4)]]
 _indexer_scores_tuned = triton.autotune(_SCORE_CONFIGS, key=["T", "H", "D"])(_indexer_scores_kernel)
-
-
-def _score_meta(q, k, k_scale) -> dict:
-    """`_indexer_scores_block`'s shapes and arithmetic for queries q [B, T, H, D] and keys k (FP8 keys
-    with k_scale), but for the tile sizes BT, BS."""
-    H, D = q.shape[2:]
-    # (an FP8 MMA on Hopper takes K in steps of 32: pad the head dim to at least that)
-    return dict(H=H, D=D, H_PAD=max(16, triton.next_power_of_2(H)),
-                D_PAD=max(32 if k.dtype == FP8_DTYPE else 16, triton.next_power_of_2(D)),
-                DOT_PRECISION=_dot_precision(k.dtype), KEY_SCALE=k_scale is not None,
-                QUANT_Q=k_scale is not None and q.dtype != FP8_DTYPE, ROUND_ON_GRID=_INTERPRET)
 
 
 def _scores_triton(q, w, k, m: int, t0: int, out: torch.Tensor, k_scale=None):
@@ -270,11 +240,16 @@ def _scores_triton(q, w, k, m: int, t0: int, out: torch.Tensor, k_scale=None):
     S = k.shape[1]
     if S == 0 or T == 0:
         return
+    # (an FP8 MMA on Hopper takes K in steps of 32: pad the head dim to at least that)
+    H_PAD = max(16, triton.next_power_of_2(H))
+    D_PAD = max(32 if k.dtype == FP8_DTYPE else 16, triton.next_power_of_2(D))
     s_chunk = 32 if _INTERPRET else (_SCORE_CHUNK_FEW_ROWS if B * T < _FEW_ROWS else 4096)   # multiple of every BS
     ks = out if k_scale is None else k_scale                                     # (not read without FP8)
     args = (q, w, k, ks, out, T, S, t0, m, s_chunk, *q.stride(), *w.stride(), *k.stride(), ks.stride(0),
             *out.stride())
-    meta = _score_meta(q, k, k_scale)
+    meta = dict(H=H, D=D, H_PAD=H_PAD, D_PAD=D_PAD, DOT_PRECISION=_dot_precision(k.dtype),
+                KEY_SCALE=k_scale is not None, QUANT_Q=k_scale is not None and q.dtype != FP8_DTYPE,
+                ROUND_ON_GRID=_INTERPRET)
     if _INTERPRET:
         _indexer_scores_kernel[(triton.cdiv(T, 2), triton.cdiv(S, s_chunk), B)](*args, **meta, BT=2, BS=16)
     else:
@@ -366,20 +341,6 @@ def _tile_topk_kernel(val_ptr, src_idx_ptr, out_idx_ptr, out_val_ptr, T, row_len
     tl.store(out_val + j, tl.full([K_PAD], float("-inf"), tl.float32), mask=pad)
 
 
-def _tree_tile(rows: int, topk: int) -> int:
-    """The most scores one `_tile_topk_kernel` program takes (at least two lists: a merge takes >= 2)."""
-    tile = _TOPK_TILE_FEW_ROWS if rows < _FEW_ROWS else _TOPK_TILE
-    return max(tile, 2 * max(2, triton.next_power_of_2(topk)))
-
-
-def _decode_grid_tile(rows: int, S: int, topk: int, device) -> int | None:
-    """The grid kernels' tile for a few rows longer than a tree tile (decode) where `_DECODE_TOPK` is
-    "grid" and `_grid_tile` fits them, else None (the tree)."""
-    if _DECODE_TOPK != "grid" or rows >= _FEW_ROWS or S <= _tree_tile(rows, topk):
-        return None
-    return _grid_tile(rows, S, device)
-
-
 def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
     """Top-k of each query's visible scores: scores [B, T, S] fp32 -> (idx int32, value fp32) [B, T, topk].
 
@@ -393,8 +354,8 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
     rows = B * T
     K_PAD = max(2, triton.next_power_of_2(topk))
     few = rows < _FEW_ROWS
-    tile_max = _tree_tile(rows, topk)
-    grid_tile = _decode_grid_tile(rows, S, topk, scores.device)
+    tile_max = max(_TOPK_TILE_FEW_ROWS if few else _TOPK_TILE, 2 * K_PAD)   # a merge takes >= 2 lists
+    grid_tile = _grid_tile(rows, S, scores.device) if few and S > tile_max and _DECODE_TOPK == "grid" else None
     if grid_tile:                                       # a few long rows: one launch (below)
         try:
             return _topk_grid_triton(scores, t0, m, topk, grid_tile)
@@ -462,16 +423,19 @@ def _grid_barrier(sync_ptr, n):
 
 
 @triton.jit
-def _grid_topk_row(row_ptr, work_ptr, out_idx_ptr, out_val_ptr, row, p, n_vis, n_prog,
-                   K: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr, P_PAD: tl.constexpr):
-    """Program p's part of the top K of row `row`'s scores row_ptr[:n_vis], spread over n_prog programs
-    of TILE scores each. work [rows, 8 + 1024 + 2 P_PAD] int32, zeroed: 5 barrier counters, the row's
-    histogram of each round [4, 256], and each program's (keys above the threshold, ties at it) [P_PAD, 2]."""
+def _grid_topk_kernel(score_ptr, work_ptr, out_idx_ptr, out_val_ptr, T, S, t0, m, n_prog, stride_s,
+                      K: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr, P_PAD: tl.constexpr):
+    """Top K of a row over n_prog programs of TILE keys each, one launch. work [rows, 8 + 1024 + 2 P_PAD]
+    int32, zeroed: 5 barrier counters, the row's histogram of each round [4, 256], and each program's
+    (keys above the threshold, ties at it) [P_PAD, 2]."""
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
     sync = work_ptr + row * (8 + 1024 + 2 * P_PAD)
     totals = sync + 8
     counts = totals + 1024
+    n_vis = tl.minimum((t0 + row % T + 1) // m, S)
     offs = p * TILE + tl.arange(0, TILE)
-    v = tl.load(row_ptr + offs, mask=offs < n_vis, other=float("-inf"))
+    v = tl.load(score_ptr + row * stride_s + offs, mask=offs < n_vis, other=float("-inf"))
     key = _float_to_key(v)                                                        # [TILE]
     ok = (offs < n_vis) & (v > float("-inf"))
     bins = tl.arange(0, 256)
@@ -517,57 +481,6 @@ def _grid_topk_row(row_ptr, work_ptr, out_idx_ptr, out_val_ptr, row, p, n_vis, n
         tl.store(out_val_ptr + row * K + slot, tl.full([K_PAD], float("-inf"), tl.float32), mask=pad)
 
 
-@triton.jit
-def _grid_topk_kernel(score_ptr, work_ptr, out_idx_ptr, out_val_ptr, T, S, t0, m, n_prog, stride_s,
-                      K: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr, P_PAD: tl.constexpr):
-    """Program (row, p): its tile of the row's top K, over scores [rows, S] (row stride stride_s)."""
-    row = tl.program_id(0).to(tl.int64)
-    _grid_topk_row(score_ptr + row * stride_s, work_ptr, out_idx_ptr, out_val_ptr, row, tl.program_id(1),
-                   tl.minimum((t0 + row % T + 1) // m, S), n_prog, K, K_PAD, TILE, P_PAD)
-
-
-# The decode selection in one launch: each program first scores its own tile of the row (the score
-# kernel's loop for one query, `_indexer_scores_block`), then runs `_grid_topk_row` on those scores.
-# It saves the score kernel's launch and the wait between the two (the scores still go through an fp32
-# scratch row, 1 MB at S = 262144, which stays in L2: the radix select wants its tile in the top-k's
-# register layout, which the score loop cannot build). A program reads back only the scores it wrote
-# itself, so a block barrier (not a grid-wide one) is enough between the two phases. The score loop
-# streams TILE x D keys per program (512 KB in bf16 at 2048 x 128) where the score kernel spreads them
-# over twice the programs: it needs its loads in flight, hence num_stages = _GRID_STAGES on blocks of
-# _GRID_SCORE_BS entries (bf16: 32 KB a stage, two in flight while the third is used). Compiled for
-# sm_90 (Triton 3.6, tiles of 2048, 8 warps): 110 registers (bf16 keys; 111 FP8), no spills, 115 KB
-# of shared memory (58 KB FP8); the unfused grid top-k takes 103 registers.
-# Tiles of 1024 (256 programs, two per SM) are not among _GRID_TILES: `_grid_tile` counts one program
-# per SM, and two fit only with smaller stages (blocks of 64: 64 registers, 66 KB; 3 stages of 128
-# need 115 KB each). Counting them would need the compiled kernel's registers and shared memory
-# against the SM's; bench/bench_csa_select.py tries them (a cooperative launch that does not fit is
-# refused with an error, it does not hang).
-_GRID_SCORE_BS = 16 if _INTERPRET else 128      # (or the tile, if smaller)
-_GRID_STAGES = 3
-
-
-@triton.jit
-def _grid_select_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, score_ptr, work_ptr, out_idx_ptr, out_val_ptr,
-                        T, S, t0, m, n_prog, sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, sks_b,
-                        H: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                        BS: tl.constexpr, DOT_PRECISION: tl.constexpr, KEY_SCALE: tl.constexpr,
-                        QUANT_Q: tl.constexpr, ROUND_ON_GRID: tl.constexpr,
-                        K: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr, P_PAD: tl.constexpr):
-    """Program (row, p), row = (b, t): the scores of entries p*TILE .. p*TILE+TILE-1 for query t of
-    sequence b into score [B, T, S] (fp32, contiguous; only the visible ones are read back), then its
-    tile of the row's top K as `_grid_topk_kernel`."""
-    tl.static_assert(TILE % BS == 0)                    # a program's score blocks stay in its own tile
-    row = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1)
-    t = (row % T).to(tl.int32)
-    _indexer_scores_block(q_ptr, w_ptr, k_ptr, ks_ptr, score_ptr, row // T, t, p * TILE, TILE, T, S, t0, m,
-                          sq_b, sq_t, sq_h, sq_d, sw_b, sw_t, sw_h, sk_b, sk_s, sk_d, sks_b, T * S, S, 1,
-                          H, D, H_PAD, D_PAD, 1, BS, DOT_PRECISION, KEY_SCALE, QUANT_Q, ROUND_ON_GRID)
-    tl.debug_barrier()                                  # the tile's scores, stored, are visible to all threads
-    _grid_topk_row(score_ptr + row * S, work_ptr, out_idx_ptr, out_val_ptr, row, p,
-                   tl.minimum((t0 + t + 1) // m, S), n_prog, K, K_PAD, TILE, P_PAD)
-
-
 def _grid_tile(rows: int, S: int, device) -> int | None:
     """The grid top-k's tile for rows of S scores: the first of _GRID_TILES whose programs fit one wave
     (one program per SM), or None."""
@@ -575,39 +488,20 @@ def _grid_tile(rows: int, S: int, device) -> int | None:
     return next((tile for tile in _GRID_TILES if rows * triton.cdiv(S, tile) <= limit), None)
 
 
-def _grid_launch(rows: int, S: int, topk: int, tile: int, device):
-    """What both grid kernels are launched with for rows of S scores in tiles of `tile`: the grid, the
-    buffers (work zeroed, and the outputs idx int32, val fp32 [rows, topk]) and the launch options."""
-    n_prog = triton.cdiv(S, tile)
-    P_PAD = max(2, triton.next_power_of_2(n_prog))
-    work = torch.zeros(rows, 8 + 1024 + 2 * P_PAD, dtype=torch.int32, device=device)
-    idx = torch.empty(rows, topk, dtype=torch.int32, device=device)
-    val = torch.empty(rows, topk, dtype=torch.float32, device=device)
-    meta = dict(K=topk, K_PAD=max(2, triton.next_power_of_2(topk)), TILE=tile, P_PAD=P_PAD,
-                num_warps=_GRID_WARPS, **({} if _INTERPRET else {"launch_cooperative_grid": True}))
-    return (rows, n_prog), n_prog, work, idx, val, meta
-
-
 def _topk_grid_triton(scores: torch.Tensor, t0: int, m: int, topk: int, tile: int):
     """`_topk_triton`'s result for rows that `_grid_tile` fits: one cooperative launch."""
     B, T, S = scores.shape
-    grid, n_prog, work, idx, val, meta = _grid_launch(B * T, S, topk, tile, scores.device)
-    src = scores.view(B * T, S)
-    _grid_topk_kernel[grid](src, work, idx, val, T, S, t0, m, n_prog, src.stride(0), **meta)
-    return idx.view(B, T, topk), val.view(B, T, topk)
-
-
-def _select_grid_triton(q, w, k, m: int, t0: int, topk: int, tile: int, k_scale=None):
-    """`csa_topk`'s result for rows that `_grid_tile` fits: scores and top-k in one cooperative launch
-    (`_grid_select_kernel`)."""
-    B, T = q.shape[:2]
-    S = k.shape[1]
-    grid, n_prog, work, idx, val, meta = _grid_launch(B * T, S, topk, tile, q.device)
-    scores = torch.empty(B, T, S, dtype=torch.float32, device=q.device)          # scratch
-    ks = scores if k_scale is None else k_scale                                  # (not read without FP8)
-    _grid_select_kernel[grid](q, w, k, ks, scores, work, idx, val, T, S, t0, m, n_prog, *q.stride(),
-                              *w.stride(), *k.stride(), ks.stride(0), **_score_meta(q, k, k_scale),
-                              BS=min(_GRID_SCORE_BS, tile), num_stages=_GRID_STAGES, **meta)
+    rows = B * T
+    n_prog = triton.cdiv(S, tile)
+    P_PAD = max(2, triton.next_power_of_2(n_prog))
+    work = torch.zeros(rows, 8 + 1024 + 2 * P_PAD, dtype=torch.int32, device=scores.device)
+    idx = torch.empty(rows, topk, dtype=torch.int32, device=scores.device)
+    val = torch.empty(rows, topk, dtype=torch.float32, device=scores.device)
+    src = scores.view(rows, S)
+    coop = {} if _INTERPRET else {"launch_cooperative_grid": True}
+    _grid_topk_kernel[(rows, n_prog)](src, work, idx, val, T, S, t0, m, n_prog, src.stride(0), K=topk,
+                                      K_PAD=max(2, triton.next_power_of_2(topk)), TILE=tile,
+                                      P_PAD=P_PAD, num_warps=_GRID_WARPS, **coop)
     return idx.view(B, T, topk), val.view(B, T, topk)
 
 
@@ -799,7 +693,6 @@ def csa_topk(q, w, k, m: int, t0: int, topk: int, use_kernel: bool | None = None
     """The lightning indexer's choice: (idx int32 [B, T, topk], scores fp32 [B, T, topk]), each query's
     top-k visible entries by score, ties to the earlier entry, in index order; -1 (score -inf)
     where fewer than topk are visible. Inputs as in `indexer_scores` (FP8 keys with k_scale). No gradient."""
-    global _DECODE_FUSED
     _check_indexer(q, w, k, m, t0, k_scale)
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
@@ -807,14 +700,6 @@ def csa_topk(q, w, k, m: int, t0: int, topk: int, use_kernel: bool | None = None
         return csa_topk_reference(q, w, k, m, t0, topk, k_scale)
     B, T = q.shape[:2]
     S = k.shape[1]
-    grid_tile = _decode_grid_tile(B * T, S, topk, q.device) if _DECODE_FUSED else None
-    if grid_tile:                                       # decode: scores and top-k in one launch
-        try:
-            return _select_grid_triton(q, w, k, m, t0, topk, grid_tile, k_scale)
-        except (RuntimeError, TypeError) as e:   # as in `_topk_triton`: the cooperative launch refused
-            _DECODE_FUSED = False
-            warnings.warn(f"csa_select: the one-launch decode selection failed ({str(e)[:200]}); using the "
-                          "unfused kernels from now on")
     chunk = max(1, _SCORE_BUFFER_ELEMS // max(1, B * S))          # queries whose scores fit the buffer
     parts = []
     for c0 in range(0, T, chunk):

@@ -2,9 +2,7 @@
 
 On a CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), with small shapes and fp32."""
 
-import inspect
 import os
-import warnings
 
 import pytest
 import torch
@@ -100,37 +98,22 @@ def test_decode_splits_rows_and_agrees_with_prefill():
         torch.testing.assert_close(val_t, val[:, t:t + T], rtol=1e-5, atol=1e-5)
 
 
-def spy_grid_paths(monkeypatch):
-    """A list to which each call of the grid paths adds (path, tile): 'grid' for the grid top-k after
-    the score kernel (`_topk_grid_triton`), 'fused' for both in one launch (`_select_grid_triton`)."""
-    ran = []
-    for name, path in (("_topk_grid_triton", "grid"), ("_select_grid_triton", "fused")):
-        real = getattr(csa_select, name)
-        tile_at = list(inspect.signature(real).parameters).index("tile")
-
-        def spy(*args, _real=real, _path=path, _at=tile_at):
-            ran.append((_path, args[_at]))
-            return _real(*args)
-        monkeypatch.setattr(csa_select, name, spy)
-    return ran
-
-
-@pytest.mark.parametrize("method", ["tree", "grid", "fused"])
+@pytest.mark.parametrize("method", ["tree", "grid"])
 @pytest.mark.parametrize("pattern", ["ties", "rising", "random"])
 def test_decode_topk_is_exact(pattern, method, monkeypatch):
     """A decode row over 600 entries, in 64-entry tiles on a GPU too: through several merge levels
     ('tree'), or the row-wide radix select in one launch ('grid': 10 programs a row meeting at barriers
-    on a GPU; one program a row under the interpreter, which runs programs one after another), or that
-    with the scores computed in the same launch ('fused').
+    on a GPU; one program a row under the interpreter, which runs programs one after another).
     'ties': 10 positive scores scattered among exact zeros, so 22 of the top 32 are zeros, which must be
     the earliest ones; 'rising': scores grow with the index, so every pick sits in the last tiles;
     'random': plain random scores."""
     monkeypatch.setattr(csa_select, "_TOPK_TILE", 64)
     monkeypatch.setattr(csa_select, "_TOPK_TILE_FEW_ROWS", 64)
-    monkeypatch.setattr(csa_select, "_DECODE_TOPK", "tree" if method == "tree" else "grid")
-    monkeypatch.setattr(csa_select, "_DECODE_FUSED", method == "fused")
+    monkeypatch.setattr(csa_select, "_DECODE_TOPK", method)
     monkeypatch.setattr(csa_select, "_GRID_TILES", (64,) if DEVICE == "cuda" else (1024,))
-    ran = spy_grid_paths(monkeypatch)                            # which grid path ran (none for the tree)
+    calls = []                                                   # the grid path ran (and the tree's did not)
+    real = csa_select._topk_grid_triton
+    monkeypatch.setattr(csa_select, "_topk_grid_triton", lambda *a: calls.append(a[-1]) or real(*a))
     B, S, topk = 2, 600, 32
     q, w, k = indexer_inputs(B, 1, H=4, D=16, S=S, seed=9)
     q, w, k = q.abs(), w.abs(), k.abs()
@@ -143,7 +126,7 @@ def test_decode_topk_is_exact(pattern, method, monkeypatch):
     else:
         q, w, k = indexer_inputs(B, 1, H=4, D=16, S=S, seed=10)
     idx, val = csa_topk(q, w, k, m=4, t0=4 * S, topk=topk, use_kernel=True)
-    assert ran == ([] if method == "tree" else [(method, csa_select._GRID_TILES[0])])
+    assert calls == ([] if method == "tree" else [csa_select._GRID_TILES[0]])
     want_idx, want_val = csa_topk_reference(q, w, k, 4, 4 * S, topk)
     if pattern == "ties":
         assert (want_val == 0).sum() == B * 22
@@ -156,7 +139,6 @@ def test_decode_topk_is_exact(pattern, method, monkeypatch):
 def test_decode_topk_falls_back_to_the_tree(monkeypatch):
     """A refused cooperative launch (another process holding SMs) warns and leaves the tree's answer."""
     monkeypatch.setattr(csa_select, "_DECODE_TOPK", "grid")
-    monkeypatch.setattr(csa_select, "_DECODE_FUSED", False)
     monkeypatch.setattr(csa_select, "_TOPK_TILE_FEW_ROWS", 64)
 
     def refused(*args):
@@ -168,93 +150,6 @@ def test_decode_topk_falls_back_to_the_tree(monkeypatch):
     assert csa_select._DECODE_TOPK == "tree"
     want_idx, _ = csa_topk_reference(q, w, k, 4, 1200, 16)
     assert torch.equal(idx, want_idx)
-
-
-@pytest.mark.parametrize("keys", ["fp32", "bf16", "fp8"])
-@pytest.mark.parametrize("T,t0,m,topk", [
-    (1, 1195, 4, 32),         # 299 of 400 entries visible
-    (2, 1194, 4, 32),         # two queries a sequence, 298 and 299 visible
-    (1, 41, 2, 32),           # 21 visible: fewer than topk, -1 padding
-])
-def test_fused_decode_selection_equals_unfused_and_reference(keys, T, t0, m, topk, monkeypatch):
-    """The decode selection in one launch (`_select_grid_triton`) returns the indices and scores of the
-    score kernel followed by the grid top-k (`_topk_grid_triton`), and the reference's selection. FP8:
-    keys in e4m3 with k_scale, the queries quantised inside. bf16: the interpreter's tl.dot multiplies
-    bf16's raw bits (uint16), so there the two paths agree on meaningless scores, and the reference is
-    checked on a GPU only."""
-    monkeypatch.setattr(csa_select, "_DECODE_TOPK", "grid")
-    monkeypatch.setattr(csa_select, "_DECODE_FUSED", True)
-    monkeypatch.setattr(csa_select, "_GRID_TILES", (128,) if DEVICE == "cuda" else (1024,))
-    ran = spy_grid_paths(monkeypatch)
-    B, S = 2, 400
-    q, w, k = indexer_inputs(B, T, H=8, D=32, S=S, seed=T + t0 + m)
-    k_scale = None
-    if keys == "bf16":
-        q, w, k = q.bfloat16(), w.bfloat16(), k.bfloat16()
-    elif keys == "fp8":
-        k, k_scale = quantize_rows(k)
-    idx, val = csa_topk(q, w, k, m, t0, topk, use_kernel=True, k_scale=k_scale)
-    monkeypatch.setattr(csa_select, "_DECODE_FUSED", False)
-    idx_unfused, val_unfused = csa_topk(q, w, k, m, t0, topk, use_kernel=True, k_scale=k_scale)
-    tile = csa_select._GRID_TILES[0]
-    assert ran == [("fused", tile), ("grid", tile)]
-    n_vis = visible_counts(T, t0, m, S, q.device)
-    assert n_vis.min() < S and (n_vis.max() < topk) == (t0 < 100)               # the cases as described
-    # the same as the unfused kernels: the same padding and selected scores (as sets, to the rounding of
-    # fp32 sums: the score loop takes one query a program in the fused kernel, two under the interpreter
-    # and an autotuned number on a GPU in the score kernel, so its dot and sum over heads may round
-    # differently), and bit for bit with one query a sequence under the interpreter (the same arithmetic)
-    assert torch.equal(idx == -1, idx_unfused == -1)
-    finite = val[val > float("-inf")]
-    torch.testing.assert_close(val.sort(-1).values, val_unfused.sort(-1).values, rtol=0,
-                               atol=1e-5 * finite.abs().max().item())
-    if DEVICE != "cuda" and T == 1:
-        assert torch.equal(idx, idx_unfused) and torch.equal(val, val_unfused)
-    if keys == "bf16" and DEVICE != "cuda":
-        return
-    # the reference's selection: -1 exactly past the visible count, nothing invisible, the same selected
-    # scores (sorted, so ties do not matter), which are the scores of the returned indices, in index order
-    want_idx, want_val = csa_topk_reference(q, w, k, m, t0, topk, k_scale=k_scale)
-    scores = indexer_scores_reference(q, w, k, m, t0, k_scale)                  # [B, T, S]
-    slot = torch.arange(topk, device=q.device)
-    assert torch.equal(idx == -1, (slot[None, None, :] >= n_vis[None, :, None]).expand_as(idx))
-    assert torch.equal(idx == -1, want_idx == -1)
-    assert (idx < n_vis[None, :, None]).all()
-    picked = idx.masked_fill(idx < 0, 1 << 30)
-    assert ((picked[..., :-1] < picked[..., 1:]) | (picked[..., 1:] == 1 << 30)).all()   # no entry twice
-    # tolerance: fp32 and FP8 differ from the reference in the order of fp32 sums (Hopper's FP8 MMA
-    # accumulates with ~14 bits); the bf16 reference rounds each dot to bf16
-    size = scores[scores > float("-inf")].abs().max().item()
-    atol = {"fp32": 1e-6, "fp8": 2.0 ** -12 if DEVICE == "cuda" else 1e-6, "bf16": 2.0 ** -7}[keys] * size
-    torch.testing.assert_close(val.sort(-1).values, want_val.sort(-1).values, rtol=0, atol=atol)
-    own = scores.gather(-1, idx.clamp(min=0).long()).masked_fill(idx < 0, float("-inf"))
-    torch.testing.assert_close(val, own, rtol=0, atol=atol)
-
-
-@pytest.mark.parametrize("error", [RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch"),
-                                   TypeError("got an unexpected keyword argument 'launch_cooperative_grid'")])
-def test_fused_decode_falls_back_to_the_unfused_kernels(error, monkeypatch):
-    """A refused one-launch selection warns, switches itself off and leaves the score kernel + grid
-    top-k's answer; the next call goes there directly."""
-    monkeypatch.setattr(csa_select, "_DECODE_TOPK", "grid")
-    monkeypatch.setattr(csa_select, "_DECODE_FUSED", True)
-    monkeypatch.setattr(csa_select, "_TOPK_TILE_FEW_ROWS", 64)
-    ran = spy_grid_paths(monkeypatch)
-
-    def refused(*args):
-        raise error
-    monkeypatch.setattr(csa_select, "_select_grid_triton", refused)
-    q, w, k = indexer_inputs(B=2, T=1, H=4, D=16, S=300, seed=5)
-    with pytest.warns(UserWarning, match="unfused kernels"):
-        idx, val = csa_topk(q, w, k, m=4, t0=1100, topk=16, use_kernel=True)
-    assert csa_select._DECODE_FUSED is False and csa_select._DECODE_TOPK == "grid"
-    want_idx, _ = csa_topk_reference(q, w, k, 4, 1100, 16)
-    assert torch.equal(idx, want_idx)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        again, _ = csa_topk(q, w, k, m=4, t0=1100, topk=16, use_kernel=True)
-    assert torch.equal(again, want_idx)
-    assert [path for path, _ in ran] == ["grid", "grid"]
 
 
 def attention_inputs(B, T, n_h, c, S, topk, L, seed):
