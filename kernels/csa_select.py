@@ -403,10 +403,13 @@ def _topk_triton(scores: torch.Tensor, t0: int, m: int, topk: int):
 # one after another, a barrier would wait forever: there a row is one program (the CPU tests); the
 # multi-program path is tested on the GPU (tests/test_csa_select.py).
 # Tiles tried in turn, the first whose programs fit one wave wins. On an H200, one row of 262144 scores
-# (bench/bench_csa_select.py): 22.1 us in tiles of 2048 (128 programs), 26.2 in tiles of 4096, against
-# 32.5 for the tree; 8 warps a program (4: 24.9 / 40.6 us, 16: 29.4 at 4096). A version with one
-# launch a round (five launches, the rounds' histograms summed from per-program tables) took 29.9 us:
-# each launch cost ~5.5 us, most of it the launch and reloading the tile, not the counting.
+# (bench/bench_csa_select.py): 19.8-19.9 us in tiles of 2048 (128 programs), 24.0 in tiles of 4096,
+# against 32.5 for the tree; 8 warps a program (4: 22.2 / 37.0 us, 16: 27.3 at 4096). The histogram
+# atomics are relaxed (the barrier's release / acquire orders them): 22.1 us with the default acq_rel.
+# A version with one launch a round (five launches, the rounds' histograms summed from per-program
+# tables) took 29.9 us: each launch cost ~5.5 us, most of it the launch and reloading the tile. Scoring
+# each program's own entries inside this launch (one launch for the whole decode selection) saved
+# ~0.7 us with bf16 keys and lost 0.6 with FP8 keys: not kept (in git at 993ccd9).
 _GRID_TILES = (1024,) if _INTERPRET else (2048, 4096)
 _GRID_WARPS = 8
 

@@ -20,6 +20,12 @@ launch (the same kernel, GROUPED), as DeepGEMM's "contiguous" grouped layout doe
 Every kernel has a plain PyTorch reference here (`*_ref`); the public functions choose with
 `impl="auto"` (Triton on CUDA, the reference elsewhere), `"triton"` or `"reference"`.
 
+On Hopper the large GEMMs are usually won by a second version of the same kernel, written in Gluon
+(kernels/fp8_gemm_hopper.py: a TMA loader warp and two consumer warpgroups, each keeping one K slice's
+MMA in flight while it scales the previous slice's partial); it is one more tuning candidate here, and
+the `tl` kernel below is the one to read first (and the one the CPU tests run). On an H200 the tuned
+GEMM reaches 0.83-1.03x cuBLAS's block-scaled FP8 at 4096^3 to 8192^3 (RESULTS.md).
+
 Choices where V4 is silent, and where we differ from it:
 - Activation scales are returned column-major (strides (1, M)), the layout cuBLAS's block-scaled GEMM
   wants and the one the GEMM below reads contiguously; the logical shape is [M, ceil(K/128)].
@@ -418,7 +424,9 @@ class GemmConfig:
 PLAIN_CONFIG = GemmConfig()
 # Triton waits for each K slice's MMA before scaling it into the accumulator, so within a program the
 # tensor cores idle during that arithmetic; 128 x 64 / 64 x 128 tiles with 4 warps and 3 stages (about
-# 90 KB of shared memory) fit two programs per SM, whose MMA and arithmetic can then interleave.
+# 90 KB of shared memory) fit two programs per SM, whose MMA and arithmetic can then interleave. Pairs
+# of K slices overlap half of it; the Gluon kernel all of it (0.79-0.83x cuBLAS at the large shapes for
+# the best `tl` candidate on an H200, 0.99-1.03x for the Gluon one, where the tuner picked it).
 GEMM_CANDIDATES_LARGE_M = [
     GemmConfig(128, 128, 8, 8, stages, tma=True, persistent=persistent)
     for stages in (3, 4, 5) for persistent in (0, 1)
