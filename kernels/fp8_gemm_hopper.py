@@ -8,8 +8,8 @@ into the accumulator, so the tensor cores idle while the 64 FMAs per thread run 
 flight only when nothing in the loop reads its result; the PAIR trick there overlaps half of them).
 Gluon exposes the asynchronous `wgmma` directly, so each consumer issues slice kb's MMA and only then
 waits for slice kb - 1's (`warpgroup_mma_wait(1)`: one left in flight) and scales it: the MMA of one
-slice runs during the scaling of the previous, as DeepGEMM arranges it. Two partials alternate in
-registers (64 + 64 fp32 a thread, plus the 64 of the accumulator).
+slice runs during the scaling of the previous. Two partials alternate in registers (64 + 64 fp32 a
+thread, plus the 64 of the accumulator).
 
 Warp roles (`gl.warp_specialize`):
     loader    1 warp   TMA: a tile [128, 128], b tile [BLOCK_N, 128] and the a tile's 128 row scales of
@@ -17,11 +17,12 @@ Warp roles (`gl.warp_specialize`):
     consumers 8 warps  two warpgroups, 64 rows each, the MMAs, the scaling and the epilogue (bf16 through
                        shared memory and a TMA store that overlaps the next tile's main loop)
 The programs are persistent (one per SM, tiles pid, pid + P, ...) in the grouped order of the `tl`
-kernel. The loader and consumers meet only at the ring's mbarriers ("ready": the TMA bytes landed;
-"empty": both warpgroups are done with the stage), so neither waits for a CTA-wide barrier.
+kernel. The loader and the consumers meet only at the ring's mbarriers ("ready": the TMA bytes landed;
+"empty": the consumers are done with the stage; Gluon arrives once for the partition, after a barrier
+of its 256 threads, so the two warpgroups do sync each time they release a stage).
 
 Limits (`supported` says which inputs qualify; kernels/fp8_gemm.py falls back to the `tl` kernel for the
-rest): CUDA capability 9.x, a Triton with Gluon's Hopper module (3.5+), TMA-aligned rows (K and N
+rest): CUDA capability 9.x, a Triton with Gluon's Hopper module (written for 3.6), TMA-aligned rows (K and N
 multiples of 16 bytes' worth), M a multiple of 4 (the activation scales are read by TMA, 16-byte rows).
 The CPU interpreter cannot run Gluon: this kernel is tested on the GPU (tests/test_fp8_gemm.py, CUDA
 only) against the same references as the `tl` kernel.
