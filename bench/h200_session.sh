@@ -268,6 +268,9 @@ elif [ "$1" = 20 ]; then
   job 0 300 $PY bench/bench_fp8_gemm.py
   job 0 150 $PY -m pytest -q -x tests/test_csa_select.py
   job 0 200 $PY bench/bench_csa_select.py --attention-tokens 4096
+elif [ "$1" = 21 ]; then
+  # prepared in the sixth session for the next: the Gluon sparse attention's schedules and diagnostics
+  job 0 200 $PY bench/exp_sparse_attention_gluon.py
 elif [ "$1" = 5 ]; then
   corpus
   fsdp 1 0; fsdp 2 0,1; fsdp 4 0,1,2,3     # FSDP2 scaling, each size alone on the machine

@@ -1,0 +1,259 @@
+"""Experiment (prepared in the sixth session, not yet run on a GPU): CSA's sparse attention in Gluon.
+
+Why. The `tl` kernel (kernels/csa_select.py, kernel 3) stops at 259-268 TFLOP/s on an H200 against the
+320 of issue 10. The sixth session measured a first Gluon version (git 57f963f): S = Q K^T split by
+columns between the two warpgroups (no product computed twice, unlike `tl`), at 243-254 TFLOP/s. Both
+spend about 8000 clocks a 64-row block where their tensor-core work is 2500-3000: something else holds
+them, and this file is built to find out what, and to try the schedule that would hide it.
+
+Per program: one query (b, t), its 64 heads, C = 512; blocks of BN = 64 gathered K == V rows (TOPK / BN
+selected entries, then WINDOW / BN window blocks); two shared-memory stages of [BN, C] beside the query's
+[64, C] (64 + 128 KB: a third stage does not fit, which is what constrains every schedule here).
+    S layout  warps [4, 2]: each warpgroup the [64, BN/2] columns of its rows (an m64n32 wgmma)
+    O layout  warps [4, 2]: each warpgroup its [64, C/2] columns, all of P from shared memory
+
+MODE "sync"     (the measured version): per block a barrier, the next block's gather issued, S, the
+                softmax (the row maximum combined across the warpgroups), P to shared memory, a barrier,
+                P V; each MMA waited for at once.
+MODE "overlap"  P V of block j is left in flight while block j+1 is awaited and its S issued, so the two
+                MMAs run back to back; the gather of block j+2 starts once both warpgroups are done with
+                block j (its stage), one block later than "sync" issues it.
+Diagnostics (MODE "sync"): NO_MMA skips both MMAs (S stays zero, O unchanged): the gathers, barriers and
+softmax alone. NO_GATHER gathers blocks 0 and 1 once and reuses them: the MMAs, barriers and softmax
+alone. Their times against the full kernel's say whether the gather (its latency with two stages) or
+the MMAs and their waits set the pace.
+
+    python bench/exp_sparse_attention_gluon.py      # checks against the reference, then times every variant
+
+Offline compile for sm_90 with Triton 3.6 (sixth session): every variant without spills; the results
+of the GPU run go to RESULTS.md, and this file is removed or promoted to kernels/ after it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.ampere import async_copy  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,  # noqa: E402
+                                                              warpgroup_mma_wait)
+
+N_H, C, WINDOW, TOPK, BN = 64, 512, 128, 512, 64
+LOG2E = 1.4426950408889634
+LOG2E_C = gl.constexpr(LOG2E)                    # (kernels read globals only as constexprs)
+
+
+@gluon.jit
+def _block_rows(idx_ptr, t, blk, T, L, S, si_k, se_s, skv_t,
+                N_SEL: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr, layout: gl.constexpr):
+    """Block blk's rows (1-D, `layout`): (offset from its tensor's base, valid?, from the entries?)."""
+    j = gl.arange(0, BN, layout=layout)
+    from_entries = blk < N_SEL
+    sel = gl.load(idx_ptr + (blk * BN + j) * si_k, mask=(j >= 0) & from_entries, other=-1)
+    w = (blk - N_SEL) * BN + j                                  # window slot
+    r = t + L - T - WINDOW + 1 + w                              # its kv row
+    ok = gl.where(from_entries, (sel >= 0) & (sel < S), (r >= 0) & (w < WINDOW))
+    off = gl.where(from_entries, gl.where(ok, sel, 0).to(gl.int64) * se_s, gl.where(ok, r, 0).to(gl.int64) * skv_t)
+    return off, ok, from_entries
+
+
+@gluon.jit
+def _gather(dst, rows, ent_base, kv_base, C: gl.constexpr, layout: gl.constexpr):
+    """Start copying a block's rows [BN, C] into dst (cp.async, 16 bytes a copy; zeros where invalid)."""
+    off, ok, from_entries = rows
+    c = gl.arange(0, C, layout=gl.SliceLayout(0, layout))
+    ptrs = gl.where(from_entries, ent_base, kv_base) + off[:, None] + c[None, :]
+    async_copy.async_copy_global_to_shared(dst, ptrs, mask=ok[:, None])
+
+
+@gluon.jit
+def _softmax_step(s, ok, m_i, l_i, l_part, qk_scale):
+    """One online-softmax step (log2 units) over S [64, BN]; the sums stay per thread until the end."""
+    s = gl.where(ok[None, :], s * qk_scale, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))                  # the two warpgroups' halves combined
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha, l_part * alpha[:, None] + p
+
+
+@gluon.jit
+def _attn_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T, L, S, qk_scale,
+                 sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
+                 C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr,
+                 OVERLAP: gl.constexpr, NO_MMA: gl.constexpr, NO_GATHER: gl.constexpr,
+                 num_warps: gl.constexpr):
+    H: gl.constexpr = 64
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    t = gl.program_id(0).to(gl.int64)
+    b = gl.program_id(1).to(gl.int64)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, BN // 2, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, C // 2, 16])
+    ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[1, 32],
+                                               warps_per_cta=[8, 1], order=[1, 0])
+    rows_g: gl.constexpr = gl.SliceLayout(1, ld_layout)
+    cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [H, C], gl.NVMMASharedLayout.get_default_for([H, C], dtype))
+    kv_bufs = gl.allocate_shared_memory(dtype, [2, BN, C], gl.NVMMASharedLayout.get_default_for([BN, C], dtype))
+    p_smem = gl.allocate_shared_memory(dtype, [H, BN], gl.NVMMASharedLayout.get_default_for([H, BN], dtype))
+    idx_row = idx_ptr + b * si_b + t * si_t
+    ent_base = ent_ptr + b * se_b
+    kv_base = kv_ptr + b * skv_b
+    N_SEL: gl.constexpr = TOPK // BN
+    n_blk: gl.constexpr = N_SEL + WINDOW // BN
+
+    # the query and blocks 0 and 1, two copy groups
+    h = gl.arange(0, H, layout=rows_g)
+    c = gl.arange(0, C, layout=gl.SliceLayout(0, ld_layout))
+    async_copy.async_copy_global_to_shared(q_smem, q_ptr + b * sq_b + t * sq_t + h[:, None] * sq_h + c[None, :])
+    _gather(kv_bufs.index(0), _block_rows(idx_row, t, 0, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, rows_g),
+            ent_base, kv_base, C, ld_layout)
+    async_copy.commit_group()
+    _gather(kv_bufs.index(1), _block_rows(idx_row, t, 1, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, rows_g),
+            ent_base, kv_base, C, ld_layout)
+    async_copy.commit_group()
+    next_rows = _block_rows(idx_row, t, 2, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, rows_g)
+    _, ok, _ = _block_rows(idx_row, t, 0, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
+
+    m_i = gl.load(sink_ptr + gl.arange(0, H, layout=rows_s)).to(gl.float32) * LOG2E_C   # the sink
+    l_i = gl.full([H], 1.0, gl.float32, rows_s)
+    l_part = gl.zeros([H, BN], gl.float32, s_layout)
+    o = gl.zeros([H, C], gl.float32, o_layout)
+    s = gl.zeros([H, BN], gl.float32, s_layout)
+
+    if OVERLAP:
+        async_copy.wait_group(1)                                     # the query and block 0
+        fence_async_shared()
+        gl.thread_barrier()
+        s = warpgroup_mma(q_smem, kv_bufs.index(0).permute((1, 0)), s, use_acc=False)
+        for blk in range(n_blk):
+            _, next_ok, _ = _block_rows(idx_row, t, blk + 1, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
+            p, alpha, m_i, l_i, l_part = _softmax_step(s, ok, m_i, l_i, l_part, qk_scale)
+            p_smem.store(p.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()                                      # all of P is written
+            o = o * gl.convert_layout(alpha, rows_o)[:, None]
+            o_tok = warpgroup_mma(p_smem, kv_bufs.index(blk % 2), o, is_async=True)
+            if blk + 1 < n_blk:
+                async_copy.wait_group(0)                             # block blk + 1 has landed
+                fence_async_shared()
+                gl.thread_barrier()
+                s_tok = warpgroup_mma(q_smem, kv_bufs.index((blk + 1) % 2).permute((1, 0)), s, use_acc=False,
+                                      is_async=True)
+                o, s = warpgroup_mma_wait(0, deps=(o_tok, s_tok))
+                gl.thread_barrier()                                  # both are done with stage blk % 2
+                if blk + 2 < n_blk:
+                    _gather(kv_bufs.index(blk % 2), next_rows, ent_base, kv_base, C, ld_layout)
+                async_copy.commit_group()
+                next_rows = _block_rows(idx_row, t, blk + 3, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN,
+                                        rows_g)
+            else:
+                o = warpgroup_mma_wait(0, deps=(o_tok, ))
+            ok = next_ok
+    else:
+        for blk in range(n_blk):
+            # block blk has landed and both warpgroups are done with block blk - 1
+            if blk == 0:
+                async_copy.wait_group(1)
+            else:
+                async_copy.wait_group(0)
+            fence_async_shared()
+            gl.thread_barrier()
+            if not NO_GATHER:
+                if (blk >= 1) & (blk + 1 < n_blk):
+                    _gather(kv_bufs.index((blk + 1) % 2), next_rows, ent_base, kv_base, C, ld_layout)
+            if blk >= 1:
+                async_copy.commit_group()
+                next_rows = _block_rows(idx_row, t, blk + 2, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN,
+                                        rows_g)
+            _, next_ok, _ = _block_rows(idx_row, t, blk + 1, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
+            kv = kv_bufs.index(blk % 2)
+            if not NO_MMA:
+                s = warpgroup_mma(q_smem, kv.permute((1, 0)), s, use_acc=False)
+            p, alpha, m_i, l_i, l_part = _softmax_step(s, ok, m_i, l_i, l_part, qk_scale)
+            p_smem.store(p.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            o = o * gl.convert_layout(alpha, rows_o)[:, None]
+            if not NO_MMA:
+                o = warpgroup_mma(p_smem, kv, o)
+            ok = next_ok
+    async_copy.wait_group(0)
+
+    l_i += gl.sum(l_part, axis=1)
+    o = o / gl.convert_layout(l_i, rows_o)[:, None]
+    ho = gl.arange(0, H, layout=rows_o)
+    co = gl.arange(0, C, layout=gl.SliceLayout(0, o_layout))
+    gl.store(o_ptr + b * so_b + t * so_t + ho[:, None] * so_h + co[None, :], o.to(dtype))
+    gl.store(lse_ptr + (b * T + t) * H + gl.arange(0, H, layout=rows_s), (m_i + gl.log2(l_i)) / LOG2E_C)
+
+
+
+def attention(q, kv, entries, idx, sink, overlap=False, no_mma=False, no_gather=False):
+    """o [1, T, 64, C], lse [1, T, 64] for the bench's inputs (window WINDOW, all positions visible)."""
+    B, T, n_h, c = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty(B, T, n_h, device=q.device)
+    _attn_kernel[(T, B)](q, kv, entries, idx, sink, o, lse, T, kv.shape[1], entries.shape[1], c ** -0.5 * LOG2E,
+                         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), entries.stride(0),
+                         entries.stride(1), *idx.stride(), o.stride(0), o.stride(1), o.stride(2),
+                         C=c, TOPK=idx.shape[-1], WINDOW=WINDOW, BN=BN, OVERLAP=overlap, NO_MMA=no_mma,
+                         NO_GATHER=no_gather, num_warps=8)
+    return o, lse
+
+
+def inputs(T, S, L, seed=0, holes=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, T, N_H, C, device="cuda", generator=g).bfloat16()
+    kv = torch.randn(1, L, C, device="cuda", generator=g).bfloat16()
+    entries = torch.randn(1, S, C, device="cuda", generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(S, device="cuda", generator=g)[:TOPK] for _ in range(T)])[None].int()
+    if holes:
+        idx[..., ::7] = -1
+    return q, kv, entries, idx, torch.randn(N_H, device="cuda", generator=g)
+
+
+def main():
+    from triton.testing import do_bench
+
+    from kernels import csa_select as cs
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    for T, S, L, holes in [(64, 1000, 64 + WINDOW - 1, False), (100, 2000, 100, True), (256, 16384, 256 + WINDOW - 1, True)]:
+        q, kv, entries, idx, sink = inputs(T, S, L, holes=holes)
+        want_o, want_lse = cs.sparse_attention_reference(q, kv, entries, idx, sink, 10 ** 6, WINDOW, return_lse=True)
+        for overlap in (False, True):
+            o, lse = attention(q, kv, entries, idx, sink, overlap=overlap)
+            err_o = ((o.float() - want_o.float()).norm() / want_o.float().norm()).item()
+            err_lse = (lse - want_lse).abs().max().item()
+            verdict = "ok" if err_o < 1e-2 and err_lse < 1e-2 else "FAILED"
+            print(f"check T={T} S={S} L={L} holes={holes} overlap={overlap}: o {err_o:.2e}, lse {err_lse:.2e} -> {verdict}",
+                  flush=True)
+    variants = [("sync", {}), ("overlap", dict(overlap=True)), ("sync, no MMA", dict(no_mma=True)),
+                ("sync, no gather", dict(no_gather=True))]
+    for T in (4096, 16384):
+        q, kv, entries, idx, sink = inputs(T, 16384, T + WINDOW - 1)
+        flops = 4 * T * N_H * C * (TOPK + WINDOW)
+        blocks = T * (TOPK + WINDOW) // BN
+        ms = do_bench(lambda: cs._sparse_attention_triton(q, kv, entries, idx, sink, 0, WINDOW, C ** -0.5),
+                      warmup=50, rep=300)
+        print(f"T={T}  tl kernel: {flops / ms / 1e9:.0f} TFLOP/s, {ms * 1e6 / blocks * 132:.0f} ns a block per SM",
+              flush=True)
+        for name, kw in variants:
+            ms = do_bench(lambda: attention(q, kv, entries, idx, sink, **kw), warmup=50, rep=300)
+            print(f"T={T}  gluon {name}: {flops / ms / 1e9:.0f} TFLOP/s (as if full), "
+                  f"{ms * 1e6 / blocks * 132:.0f} ns a block per SM", flush=True)
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("bench/exp_sparse_attention_gluon.py needs a CUDA GPU (Hopper)")
+    main()
