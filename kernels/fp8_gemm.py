@@ -480,7 +480,7 @@ def _launch_gemm(a, a_s, b, b_s, cfg: GemmConfig, groups=None) -> torch.Tensor:
         raise ValueError(f"block_n must divide {BLOCK}, got {cfg.block_n}")
     if cfg.gluon:
         if not fp8_gemm_hopper.supported(a, a_s, b, c) or cfg.block_m != 128:
-            raise ValueError("the Gluon kernel needs Hopper, Triton >= 3.5, block_m = 128, M a multiple "
+            raise ValueError("the Gluon kernel needs Hopper, a Triton with Gluon, block_m = 128, M a multiple "
                              "of 4, 16-byte aligned rows and column-major activation scales")
         return fp8_gemm_hopper.launch(a, a_s, b, b_s, c, block_n=cfg.block_n, group_m=cfg.group_m,
                                       stages=cfg.num_stages, num_programs=cfg.persistent * _num_sms(c.device),
