@@ -22,6 +22,11 @@ MODE "ws"       warp roles (`attention_ws`): a loader partition of 4 warps gathe
                 at a time (24 registers a thread: the consumers keep 240), once the consumers have
                 released its stage (mbarrier "empty"), and signals it ("ready"); the two consumer
                 warpgroups run the "sync" schedule without a copy or a CTA-wide wait on copies.
+MODE "splitk"   (`attention_splitk`) each consumer warpgroup owns half of the 512 columns end to end: its
+                partial S over its half of Q and K (a full m64n64 tile, K = 256), the partials swapped
+                through shared memory with mbarriers, the softmax on the whole S done by both (no
+                cross-warpgroup reduction), P kept in registers as the A operand of P V[:, its half];
+                the "ws" loader. 224 KB of shared memory.
 Diagnostics (MODE "sync"): NO_MMA skips both MMAs (S stays zero, O unchanged): the gathers, barriers and
 softmax alone. NO_GATHER gathers blocks 0 and 1 once and reuses them: the MMAs, barriers and softmax
 alone. Their times against the full kernel's say whether the gather (its latency with two stages) or
@@ -31,7 +36,9 @@ the MMAs and their waits set the pace.
 
 Offline compile for sm_90 with Triton 3.6 (sixth session): "sync", "overlap" and the diagnostics without
 spills (255 / 255 / 237 / 240 registers), "ws" with the consumers at 240 and 68 bytes spilled by the
-loader (its loop-invariant values, stored once), no ptxas wgmma serialisation warning; the results
+loader (its loop-invariant values, stored once), "splitk" without spills (240 / 240 / 24 registers for
+the two math warpgroups and the loader, 229,688 bytes of shared memory), no ptxas wgmma serialisation
+warning; the results
 of the GPU run go to RESULTS.md, and this file is removed or promoted to kernels/ after it.
 """
 
@@ -334,6 +341,133 @@ def attention_ws(q, kv, entries, idx, sink, loader_warps=4, loader_regs=24, chun
     return o, lse
 
 
+# MODE "splitk": each consumer warpgroup owns one half of the C = 512 columns end to end. Warpgroup g
+# computes the partial S_g = Q[:, half g] K[:, half g]^T (a full [64, BN] tile, m64n64 with K = 256:
+# half of Q and of K read from shared memory, against all of Q for half the columns in "sync"), the two
+# partials are exchanged through shared memory (16 KB each, an mbarrier each way), both add them and run
+# the same softmax on the same S (no cross-warpgroup max or sum: the rows are the warpgroup's own), and
+# P stays in registers as the A operand of P V[:, half g]. A warpgroup only ever reads its half of Q
+# and of each stage. Shared memory: 64 + 128 + 32 KB, of the H200's 227.
+
+@gluon.jit
+def _sk_math(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
+             T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
+             C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr, HALF: gl.constexpr):
+    H: gl.constexpr = 64
+    CH: gl.constexpr = C // 2
+    dtype: gl.constexpr = q_smem.dtype
+    t = gl.program_id(0).to(gl.int64)
+    b = gl.program_id(1).to(gl.int64)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, CH, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    idx_row = idx_ptr + b * si_b + t * si_t
+    N_SEL: gl.constexpr = TOPK // BN
+    n_blk: gl.constexpr = N_SEL + WINDOW // BN
+    START: gl.constexpr = HALF * CH
+    q_half = q_smem.slice(START, CH, dim=1)                                      # [H, C/2]
+    _, ok, _ = _block_rows(idx_row, t, 0, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
+    m_i = gl.load(sink_ptr + gl.arange(0, H, layout=rows_s)).to(gl.float32) * LOG2E_C
+    l_i = gl.full([H], 1.0, gl.float32, rows_s)
+    o = gl.zeros([H, CH], gl.float32, o_layout)
+    s = gl.zeros([H, BN], gl.float32, s_layout)
+    for blk in range(n_blk):
+        st = blk % 2
+        _, next_ok, _ = _block_rows(idx_row, t, blk + 1, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
+        mbarrier.wait(ready.index(st), (blk // 2) & 1)
+        kv_half = kv_bufs.index(st).slice(HALF * CH, CH, dim=1)                 # [BN, C/2]
+        s = warpgroup_mma(q_half, kv_half.permute((1, 0)), s, use_acc=False)    # this half's partial S
+        # hand the partial over: our buffer must have been read by the other (block blk - 1) first
+        mbarrier.wait(xfree.index(HALF), (blk & 1) ^ 1)
+        xbuf.index(HALF).store(s)
+        mbarrier.arrive(xready.index(HALF), count=1)
+        mbarrier.wait(xready.index(1 - HALF), blk & 1)
+        s = s + xbuf.index(1 - HALF).load(s_layout)                               # the whole S
+        mbarrier.arrive(xfree.index(1 - HALF), count=1)
+        s = gl.where(ok[None, :], s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        o = o * gl.convert_layout(alpha, rows_o)[:, None]
+        o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), kv_half, o)  # P from registers
+        mbarrier.arrive(empty.index(st), count=1)
+        ok = next_ok
+    o = o / gl.convert_layout(l_i, rows_o)[:, None]
+    ho = gl.arange(0, H, layout=rows_o)
+    co = HALF * CH + gl.arange(0, CH, layout=gl.SliceLayout(0, o_layout))
+    gl.store(o_ptr + b * so_b + t * so_t + ho[:, None] * so_h + co[None, :], o.to(dtype))
+    if HALF == 0:
+        gl.store(lse_ptr + (b * T + t) * H + gl.arange(0, H, layout=rows_s), (m_i + gl.log2(l_i)) / LOG2E_C)
+
+
+@gluon.jit
+def _sk_math0(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
+              T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
+              C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr):
+    _sk_math(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
+             T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN, 0)
+
+
+@gluon.jit
+def _sk_math1(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
+              T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
+              C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr):
+    _sk_math(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
+             T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN, 1)
+
+
+@gluon.jit
+def _attn_sk_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T, L, S, qk_scale,
+                    sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
+                    C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr,
+                    CHUNK: gl.constexpr, num_warps: gl.constexpr):
+    H: gl.constexpr = 64
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    q_smem = gl.allocate_shared_memory(dtype, [H, C], gl.NVMMASharedLayout.get_default_for([H, C], dtype))
+    kv_bufs = gl.allocate_shared_memory(dtype, [2, BN, C], gl.NVMMASharedLayout.get_default_for([BN, C], dtype))
+    xbuf = gl.allocate_shared_memory(gl.float32, [2, H, BN],
+                                     gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    xready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    xfree = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)                       # both math warpgroups
+        mbarrier.init(xready.index(i), count=1)
+        mbarrier.init(xfree.index(i), count=1)
+    # (the argument tuples are written out in the call: a tuple held in a variable turns its constexprs
+    # into tensors)
+    gl.warp_specialize([
+        (_sk_math0, (idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
+                     T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN)),
+        (_sk_math1, (idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
+                     T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN)),
+        (_ws_loader, (q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T, L, S,
+                      sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, C, TOPK, WINDOW, BN,
+                      4, CHUNK)),
+    ], [4, 4], [240, 24])
+
+
+def attention_splitk(q, kv, entries, idx, sink, chunk=8):
+    """MODE "splitk"; as `attention`."""
+    B, T, n_h, c = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty(B, T, n_h, device=q.device)
+    _attn_sk_kernel[(T, B)](q, kv, entries, idx, sink, o, lse, T, kv.shape[1], entries.shape[1], c ** -0.5 * LOG2E,
+                            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), entries.stride(0),
+                            entries.stride(1), *idx.stride(), o.stride(0), o.stride(1), o.stride(2),
+                            C=c, TOPK=idx.shape[-1], WINDOW=WINDOW, BN=BN, CHUNK=chunk, num_warps=4)
+    return o, lse
+
+
 def attention(q, kv, entries, idx, sink, overlap=False, no_mma=False, no_gather=False):
     """o [1, T, 64, C], lse [1, T, 64] for the bench's inputs (window WINDOW, all positions visible)."""
     B, T, n_h, c = q.shape
@@ -367,7 +501,7 @@ def main():
         q, kv, entries, idx, sink = inputs(T, S, L, holes=holes)
         want_o, want_lse = cs.sparse_attention_reference(q, kv, entries, idx, sink, 10 ** 6, WINDOW, return_lse=True)
         for name, run in (("sync", attention), ("overlap", lambda *a: attention(*a, overlap=True)),
-                          ("ws", attention_ws)):
+                          ("ws", attention_ws), ("splitk", attention_splitk)):
             o, lse = run(q, kv, entries, idx, sink)
             err_o = ((o.float() - want_o.float()).norm() / want_o.float().norm()).item()
             err_lse = (lse - want_lse).abs().max().item()
@@ -377,7 +511,8 @@ def main():
     variants = [("sync", attention, {}), ("overlap", attention, dict(overlap=True)),
                 ("sync, no MMA", attention, dict(no_mma=True)), ("sync, no gather", attention, dict(no_gather=True)),
                 ("ws, 4 loader warps, chunks of 8 rows", attention_ws, {}),
-                ("ws, 4 loader warps, chunks of 16 rows", attention_ws, dict(chunk=16))]
+                ("ws, 4 loader warps, chunks of 16 rows", attention_ws, dict(chunk=16)),
+                ("splitk", attention_splitk, {})]
     for T in (4096, 16384):
         q, kv, entries, idx, sink = inputs(T, 16384, T + WINDOW - 1)
         flops = 4 * T * N_H * C * (TOPK + WINDOW)
