@@ -63,10 +63,11 @@ LOG2E_C = gl.constexpr(LOG2E)                    # (kernels read globals only as
 
 
 @gluon.jit
-def _block_rows(idx_ptr, t, blk, T, L, S, si_k, se_s, skv_t,
-                N_SEL: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr, layout: gl.constexpr):
-    """Block blk's rows (1-D, `layout`): (offset from its tensor's base, valid?, from the entries?)."""
-    j = gl.arange(0, BN, layout=layout)
+def _chunk_rows(idx_ptr, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL: gl.constexpr, WINDOW: gl.constexpr,
+                BN: gl.constexpr, layout: gl.constexpr, R0: gl.constexpr, ROWS: gl.constexpr):
+    """Rows R0 .. R0+ROWS-1 of block blk (1-D, `layout`): (offset from its tensor's base, valid?, from
+    the entries?). Blocks 0 .. N_SEL-1 are the selected entries, the rest the window."""
+    j = R0 + gl.arange(0, ROWS, layout=layout)
     from_entries = blk < N_SEL
     sel = gl.load(idx_ptr + (blk * BN + j) * si_k, mask=(j >= 0) & from_entries, other=-1)
     w = (blk - N_SEL) * BN + j                                  # window slot
@@ -74,6 +75,13 @@ def _block_rows(idx_ptr, t, blk, T, L, S, si_k, se_s, skv_t,
     ok = gl.where(from_entries, (sel >= 0) & (sel < S), (r >= 0) & (w < WINDOW))
     off = gl.where(from_entries, gl.where(ok, sel, 0).to(gl.int64) * se_s, gl.where(ok, r, 0).to(gl.int64) * skv_t)
     return off, ok, from_entries
+
+
+@gluon.jit
+def _block_rows(idx_ptr, t, blk, T, L, S, si_k, se_s, skv_t,
+                N_SEL: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr, layout: gl.constexpr):
+    """All BN rows of block blk, as `_chunk_rows`."""
+    return _chunk_rows(idx_ptr, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, layout, 0, BN)
 
 
 @gluon.jit
@@ -93,6 +101,20 @@ def _softmax_step(s, ok, m_i, l_i, l_part, qk_scale):
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s - m_new[:, None])
     return p, alpha, m_new, l_i * alpha, l_part * alpha[:, None] + p
+
+
+@gluon.jit
+def _finish(o, m_i, l_i, o_ptr, lse_ptr, b, t, T, so_b, so_t, so_h, o_layout: gl.constexpr,
+            rows_s: gl.constexpr, C0: gl.constexpr, STORE_LSE: gl.constexpr):
+    """o / l into columns C0.. of o [B, T, 64, C] (bf16), and (STORE_LSE) the log-sum-exp, natural log."""
+    H: gl.constexpr = 64
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    o = o / gl.convert_layout(l_i, rows_o)[:, None]
+    ho = gl.arange(0, H, layout=rows_o)
+    co = C0 + gl.arange(0, o.shape[1], layout=gl.SliceLayout(0, o_layout))
+    gl.store(o_ptr + b * so_b + t * so_t + ho[:, None] * so_h + co[None, :], o.to(o_ptr.dtype.element_ty))
+    if STORE_LSE:
+        gl.store(lse_ptr + (b * T + t) * H + gl.arange(0, H, layout=rows_s), (m_i + gl.log2(l_i)) / LOG2E_C)
 
 
 @gluon.jit
@@ -203,11 +225,7 @@ def _attn_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T, L
     async_copy.wait_group(0)
 
     l_i += gl.sum(l_part, axis=1)
-    o = o / gl.convert_layout(l_i, rows_o)[:, None]
-    ho = gl.arange(0, H, layout=rows_o)
-    co = gl.arange(0, C, layout=gl.SliceLayout(0, o_layout))
-    gl.store(o_ptr + b * so_b + t * so_t + ho[:, None] * so_h + co[None, :], o.to(dtype))
-    gl.store(lse_ptr + (b * T + t) * H + gl.arange(0, H, layout=rows_s), (m_i + gl.log2(l_i)) / LOG2E_C)
+    _finish(o, m_i, l_i, o_ptr, lse_ptr, b, t, T, so_b, so_t, so_h, o_layout, rows_s, 0, True)
 
 
 
@@ -241,15 +259,8 @@ def _ws_loader(q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T
         st = blk % 2
         mbarrier.wait(empty.index(st), ((blk // 2) & 1) ^ 1)         # the first pass goes straight on
         for r0 in gl.static_range(0, BN, CHUNK):
-            j = r0 + gl.arange(0, CHUNK, layout=rows_g)
-            from_entries = blk < N_SEL
-            sel = gl.load(idx_row + (blk * BN + j) * si_k, mask=(j >= 0) & from_entries, other=-1)
-            w = (blk - N_SEL) * BN + j
-            r = t + L - T - WINDOW + 1 + w
-            ok = gl.where(from_entries, (sel >= 0) & (sel < S), (r >= 0) & (w < WINDOW))
-            off = gl.where(from_entries, gl.where(ok, sel, 0).to(gl.int64) * se_s,
-                           gl.where(ok, r, 0).to(gl.int64) * skv_t)
-            _gather(kv_bufs.index(st).slice(r0, CHUNK), (off, ok, from_entries), ent_base, kv_base, C, ld_layout)
+            rows = _chunk_rows(idx_row, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, rows_g, r0, CHUNK)
+            _gather(kv_bufs.index(st).slice(r0, CHUNK), rows, ent_base, kv_base, C, ld_layout)
         async_copy.commit_group()
         async_copy.wait_group(0)
         fence_async_shared()                                         # before the consumers' wgmma reads
@@ -296,11 +307,7 @@ def _ws_consumer(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, p_smem, rea
         mbarrier.arrive(empty.index(st), count=1)                    # both warpgroups are done with it
         ok = next_ok
     l_i += gl.sum(l_part, axis=1)
-    o = o / gl.convert_layout(l_i, rows_o)[:, None]
-    ho = gl.arange(0, H, layout=rows_o)
-    co = gl.arange(0, C, layout=gl.SliceLayout(0, o_layout))
-    gl.store(o_ptr + b * so_b + t * so_t + ho[:, None] * so_h + co[None, :], o.to(dtype))
-    gl.store(lse_ptr + (b * T + t) * H + gl.arange(0, H, layout=rows_s), (m_i + gl.log2(l_i)) / LOG2E_C)
+    _finish(o, m_i, l_i, o_ptr, lse_ptr, b, t, T, so_b, so_t, so_h, o_layout, rows_s, 0, True)
 
 
 @gluon.jit
@@ -328,17 +335,22 @@ def _attn_ws_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T
     ], [LOADER_WARPS], [LOADER_REGS])
 
 
-def attention_ws(q, kv, entries, idx, sink, loader_warps=4, loader_regs=24, chunk=8):
-    """MODE "ws" (warp roles); as `attention`."""
+def _launch(kernel, q, kv, entries, idx, sink, num_warps, **meta):
+    """o [1, T, 64, C], lse [1, T, 64] for the bench's inputs (window WINDOW, all positions visible)."""
     B, T, n_h, c = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(B, T, n_h, device=q.device)
-    _attn_ws_kernel[(T, B)](q, kv, entries, idx, sink, o, lse, T, kv.shape[1], entries.shape[1], c ** -0.5 * LOG2E,
-                            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), entries.stride(0),
-                            entries.stride(1), *idx.stride(), o.stride(0), o.stride(1), o.stride(2),
-                            C=c, TOPK=idx.shape[-1], WINDOW=WINDOW, BN=BN, LOADER_WARPS=loader_warps,
-                            LOADER_REGS=loader_regs, CHUNK=chunk, num_warps=8)
+    kernel[(T, B)](q, kv, entries, idx, sink, o, lse, T, kv.shape[1], entries.shape[1], c ** -0.5 * LOG2E,
+                   q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), entries.stride(0),
+                   entries.stride(1), *idx.stride(), o.stride(0), o.stride(1), o.stride(2),
+                   C=c, TOPK=idx.shape[-1], WINDOW=WINDOW, BN=BN, num_warps=num_warps, **meta)
     return o, lse
+
+
+def attention_ws(q, kv, entries, idx, sink, loader_warps=4, loader_regs=24, chunk=8):
+    """MODE "ws" (warp roles)."""
+    return _launch(_attn_ws_kernel, q, kv, entries, idx, sink, 8, LOADER_WARPS=loader_warps,
+                   LOADER_REGS=loader_regs, CHUNK=chunk)
 
 
 # MODE "splitk": each consumer warpgroup owns one half of the C = 512 columns end to end. Warpgroup g
@@ -399,28 +411,7 @@ def _sk_math(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, em
         o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), kv_half, o)  # P from registers
         mbarrier.arrive(empty.index(st), count=1)
         ok = next_ok
-    o = o / gl.convert_layout(l_i, rows_o)[:, None]
-    ho = gl.arange(0, H, layout=rows_o)
-    co = HALF * CH + gl.arange(0, CH, layout=gl.SliceLayout(0, o_layout))
-    gl.store(o_ptr + b * so_b + t * so_t + ho[:, None] * so_h + co[None, :], o.to(dtype))
-    if HALF == 0:
-        gl.store(lse_ptr + (b * T + t) * H + gl.arange(0, H, layout=rows_s), (m_i + gl.log2(l_i)) / LOG2E_C)
-
-
-@gluon.jit
-def _sk_math0(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
-              T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
-              C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr):
-    _sk_math(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
-             T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN, 0)
-
-
-@gluon.jit
-def _sk_math1(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
-              T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
-              C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr):
-    _sk_math(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
-             T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN, 1)
+    _finish(o, m_i, l_i, o_ptr, lse_ptr, b, t, T, so_b, so_t, so_h, o_layout, rows_s, START, HALF == 0)
 
 
 @gluon.jit
@@ -446,10 +437,10 @@ def _attn_sk_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T
     # (the argument tuples are written out in the call: a tuple held in a variable turns its constexprs
     # into tensors)
     gl.warp_specialize([
-        (_sk_math0, (idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
-                     T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN)),
-        (_sk_math1, (idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
-                     T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN)),
+        (_sk_math, (idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
+                    T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN, 0)),
+        (_sk_math, (idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, xbuf, ready, empty, xready, xfree,
+                    T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN, 1)),
         (_ws_loader, (q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T, L, S,
                       sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, C, TOPK, WINDOW, BN,
                       4, CHUNK)),
@@ -457,28 +448,14 @@ def _attn_sk_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T
 
 
 def attention_splitk(q, kv, entries, idx, sink, chunk=8):
-    """MODE "splitk"; as `attention`."""
-    B, T, n_h, c = q.shape
-    o = torch.empty_like(q)
-    lse = torch.empty(B, T, n_h, device=q.device)
-    _attn_sk_kernel[(T, B)](q, kv, entries, idx, sink, o, lse, T, kv.shape[1], entries.shape[1], c ** -0.5 * LOG2E,
-                            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), entries.stride(0),
-                            entries.stride(1), *idx.stride(), o.stride(0), o.stride(1), o.stride(2),
-                            C=c, TOPK=idx.shape[-1], WINDOW=WINDOW, BN=BN, CHUNK=chunk, num_warps=4)
-    return o, lse
+    """MODE "splitk"."""
+    return _launch(_attn_sk_kernel, q, kv, entries, idx, sink, 4, CHUNK=chunk)
 
 
 def attention(q, kv, entries, idx, sink, overlap=False, no_mma=False, no_gather=False):
-    """o [1, T, 64, C], lse [1, T, 64] for the bench's inputs (window WINDOW, all positions visible)."""
-    B, T, n_h, c = q.shape
-    o = torch.empty_like(q)
-    lse = torch.empty(B, T, n_h, device=q.device)
-    _attn_kernel[(T, B)](q, kv, entries, idx, sink, o, lse, T, kv.shape[1], entries.shape[1], c ** -0.5 * LOG2E,
-                         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), entries.stride(0),
-                         entries.stride(1), *idx.stride(), o.stride(0), o.stride(1), o.stride(2),
-                         C=c, TOPK=idx.shape[-1], WINDOW=WINDOW, BN=BN, OVERLAP=overlap, NO_MMA=no_mma,
-                         NO_GATHER=no_gather, num_warps=8)
-    return o, lse
+    """MODES "sync" and "overlap", and the diagnostics."""
+    return _launch(_attn_kernel, q, kv, entries, idx, sink, 8, OVERLAP=overlap, NO_MMA=no_mma,
+                   NO_GATHER=no_gather)
 
 
 def inputs(T, S, L, seed=0, holes=False):
