@@ -4,7 +4,8 @@ At the V4-Flash indexer size (64 heads x 128 dims, top-512, m = 4) it times
   - a 64K-token prefill's selection: 65536 queries over 16384 compressed entries;
   - decode selection over 262144 entries (a 1M-token context), B = 1 and B = 8, under CUDA graphs;
 against the baseline einsum + relu + weighted sum + torch.topk (chunked over queries where it would
-not fit), and the sparse attention (64 heads, head dim 512, 512 selected + 128 window) in TFLOP/s.
+not fit), and the sparse attention (64 heads, head dim 512, 512 selected + 128 window) in TFLOP/s: the
+kernel used on Hopper (Gluon, kernels/sparse_attention_hopper.py) and the `tl` kernel, one row each.
 Targets (issue 10): prefill selection >= 5x the baseline, decode selection < 40 us (one sequence),
 sparse attention >= 320 TFLOP/s. Correctness first: each kernel is compared with the module's reference on fresh
 random inputs; a failing case prints its error and the run goes on. The last lines are the table.
@@ -25,7 +26,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels import csa_select as cs  # noqa: E402
+from kernels import csa_select as cs, sparse_attention_hopper  # noqa: E402
 
 H, D, TOPK, M = 64, 128, 512, 4                   # V4-Flash lightning indexer
 N_H, C, WINDOW = 64, 512, 128                     # V4-Flash core attention
@@ -170,25 +171,35 @@ def attention_inputs(T, S, seed=0):
 
 
 def attention_case(T, S=16384):
+    """The kernel csa_select picks (Gluon on Hopper: kernels/sparse_attention_hopper.py), then the `tl`
+    kernel alone, each checked against the reference first."""
     q, kv, entries, idx, sink, t0 = attention_inputs(T, S)
     n = min(T, 256)                                          # the reference on the first n queries
-    got = cs.sparse_attention(q[:, :n], kv[:, :n + WINDOW - 1], entries, idx[:, :n], sink, t0, WINDOW)
     want = cs.sparse_attention_reference(q[:, :n], kv[:, :n + WINDOW - 1], entries, idx[:, :n], sink, t0, WINDOW)
-    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-    print(f"check sparse attention T={T}: relative error {err:.1e} -> {'ok' if err < 1e-2 else 'FAILED'}")
-    if err >= 1e-2:
-        raise AssertionError(f"sparse attention T={T}: kernel differs from the reference")
     flops = 4 * T * N_H * C * (TOPK + WINDOW)
-    ms_kernel = do_bench(lambda: cs.sparse_attention(q, kv, entries, idx, sink, t0, WINDOW), warmup=50, rep=300)
-    base = "-"
-    ratio = float("nan")
-    if T <= 4096:
-        ms_base = do_bench(lambda: cs.sparse_attention_reference(q, kv, entries, idx, sink, t0, WINDOW),
-                           warmup=1, rep=1)
-        base, ratio = f"{flops / ms_base / 1e9:.0f} TFLOP/s", ms_base / ms_kernel
-    tflops = flops / ms_kernel / 1e9
-    ROWS.append((f"sparse attention T={T}", f"{tflops:.0f} TFLOP/s", base, ratio, ">= 320 TFLOP/s",
-                 tflops >= 320))
+    gluon = sparse_attention_hopper.supported(q, kv, entries, idx, WINDOW)
+    for name, use_gluon in ([("Gluon", True)] if gluon else []) + [("tl", False)]:
+        cs._ATTENTION_GLUON = use_gluon
+        try:
+            got = cs.sparse_attention(q[:, :n], kv[:, :n + WINDOW - 1], entries, idx[:, :n], sink, t0, WINDOW)
+            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            print(f"check sparse attention T={T} ({name}): relative error {err:.1e} -> "
+                  f"{'ok' if err < 1e-2 else 'FAILED'}")
+            if err >= 1e-2:
+                raise AssertionError(f"sparse attention T={T} ({name}): kernel differs from the reference")
+            ms_kernel = do_bench(lambda: cs.sparse_attention(q, kv, entries, idx, sink, t0, WINDOW), warmup=50,
+                                 rep=300)
+        finally:
+            cs._ATTENTION_GLUON = True
+        base = "-"
+        ratio = float("nan")
+        if T <= 4096:
+            ms_base = do_bench(lambda: cs.sparse_attention_reference(q, kv, entries, idx, sink, t0, WINDOW),
+                               warmup=1, rep=1)
+            base, ratio = f"{flops / ms_base / 1e9:.0f} TFLOP/s", ms_base / ms_kernel
+        tflops = flops / ms_kernel / 1e9
+        ROWS.append((f"sparse attention T={T} ({name})", f"{tflops:.0f} TFLOP/s", base, ratio, ">= 320 TFLOP/s",
+                     tflops >= 320))
 
 
 def main():
@@ -197,13 +208,16 @@ def main():
     parser.add_argument("--decode-entries", type=int, default=262144, help="compressed entries seen in decode")
     parser.add_argument("--attention-tokens", type=int, nargs="+", default=[4096, 16384],
                         help="query counts for the sparse attention")
+    parser.add_argument("--cases", nargs="+", choices=["prefill", "decode", "attention"],
+                        default=["prefill", "decode", "attention"], help="which cases to run (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"indexer {H} x {D}, top-{TOPK}, m = {M} | attention {N_H} heads x {C}, window {WINDOW}")
-    cases = [(prefill_case, args.prefill_tokens), (decode_case, 1, args.decode_entries),
-             (decode_case, 8, args.decode_entries)] + [(attention_case, T) for T in args.attention_tokens]
+    cases = ([(prefill_case, args.prefill_tokens)] if "prefill" in args.cases else []) + \
+        ([(decode_case, 1, args.decode_entries), (decode_case, 8, args.decode_entries)] if "decode" in args.cases
+         else []) + ([(attention_case, T) for T in args.attention_tokens] if "attention" in args.cases else [])
     start = time.time()
     for fn, *case_args in cases:
         try:
@@ -216,10 +230,10 @@ def main():
     for name, tuned in (("scores", cs._indexer_scores_tuned), ("attention", cs._sparse_attention_tuned)):
         print(f"autotuned {name} kernel: {getattr(tuned, 'best_config', None)}")
     print(f"total {time.time() - start:.0f} s")
-    print(f"{'case':<30} {'kernel':>16} {'baseline':>16} {'ratio':>8}  {'target':<15} verdict")
+    print(f"{'case':<34} {'kernel':>16} {'baseline':>16} {'ratio':>8}  {'target':<15} verdict")
     for name, kernel, base, ratio, goal, ok in ROWS:
         verdict = "-" if ok is None else "PASS" if ok else "MISS"
-        print(f"{name:<30} {kernel:>16} {base:>16} {ratio:>7.1f}x  {goal:<15} {verdict}")
+        print(f"{name:<34} {kernel:>16} {base:>16} {ratio:>7.1f}x  {goal:<15} {verdict}")
 
 
 if __name__ == "__main__":

@@ -238,8 +238,12 @@ def _attn_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T, L
 def _ws_loader(q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T, L, S,
                sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k,
                C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr,
-               LOADER_WARPS: gl.constexpr, CHUNK: gl.constexpr):
-    """Gathers CHUNK rows at a time (few registers: the consumers keep nearly all of them)."""
+               LOADER_WARPS: gl.constexpr, CHUNK: gl.constexpr, PREFETCH: gl.constexpr = False,
+               NO_GATHER: gl.constexpr = False):
+    """Gathers CHUNK rows at a time (few registers: the consumers keep nearly all of them). PREFETCH:
+    first pull all of the query's TOPK indices into L1 (`prefetch.global.L1`), so that each chunk's index
+    load, on which its copies wait, hits L1 rather than L2. NO_GATHER (diagnostic): blocks 0 and 1 only,
+    the later stages are handed over as they are."""
     t = gl.program_id(0).to(gl.int64)
     b = gl.program_id(1).to(gl.int64)
     ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[1, 32],
@@ -255,12 +259,23 @@ def _ws_loader(q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T
         h = h0 + gl.arange(0, CHUNK, layout=rows_g)
         async_copy.async_copy_global_to_shared(q_smem.slice(h0, CHUNK),
                                                q_ptr + b * sq_b + t * sq_t + h[:, None] * sq_h + c[None, :])
+    if PREFETCH:
+        pf_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32],
+                                                   warps_per_cta=[LOADER_WARPS], order=[0])
+        k = gl.arange(0, TOPK, layout=pf_layout)
+        gl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [idx_row + k * si_k],
+                                  dtype=gl.int32, is_pure=False, pack=1)
     for blk in range(n_blk):
         st = blk % 2
+        # the first chunk's rows before the wait: their index loads' latency hides behind it
+        rows = _chunk_rows(idx_row, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, rows_g, 0, CHUNK)
         mbarrier.wait(empty.index(st), ((blk // 2) & 1) ^ 1)         # the first pass goes straight on
-        for r0 in gl.static_range(0, BN, CHUNK):
-            rows = _chunk_rows(idx_row, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, rows_g, r0, CHUNK)
-            _gather(kv_bufs.index(st).slice(r0, CHUNK), rows, ent_base, kv_base, C, ld_layout)
+        if (not NO_GATHER) or (blk < 2):
+            _gather(kv_bufs.index(st).slice(0, CHUNK), rows, ent_base, kv_base, C, ld_layout)
+            for r0 in gl.static_range(CHUNK, BN, CHUNK):
+                rows = _chunk_rows(idx_row, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, rows_g, r0,
+                                   CHUNK)
+                _gather(kv_bufs.index(st).slice(r0, CHUNK), rows, ent_base, kv_base, C, ld_layout)
         async_copy.commit_group()
         async_copy.wait_group(0)
         fence_async_shared()                                         # before the consumers' wgmma reads
@@ -271,7 +286,7 @@ def _ws_loader(q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T
 @gluon.jit
 def _ws_consumer(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, p_smem, ready, empty, T, L, S, qk_scale,
                  skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
-                 C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr):
+                 C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr, PIPE: gl.constexpr):
     H: gl.constexpr = 64
     dtype: gl.constexpr = p_smem.dtype
     t = gl.program_id(0).to(gl.int64)
@@ -292,20 +307,57 @@ def _ws_consumer(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, p_smem, rea
     l_part = gl.zeros([H, BN], gl.float32, s_layout)
     o = gl.zeros([H, C], gl.float32, o_layout)
     s = gl.zeros([H, BN], gl.float32, s_layout)
-    for blk in range(n_blk):
-        st = blk % 2
-        _, next_ok, _ = _block_rows(idx_row, t, blk + 1, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
-        mbarrier.wait(ready.index(st), (blk // 2) & 1)
-        kv = kv_bufs.index(st)
-        s = warpgroup_mma(q_smem, kv.permute((1, 0)), s, use_acc=False)
+    if PIPE:
+        # S(blk + 1) is issued before P V(blk) and waited for alone (wgmma groups retire in order), so the
+        # softmax of block blk + 1 runs while P V(blk) is still on the tensor cores.
+        mbarrier.wait(ready.index(0), 0)
+        s = warpgroup_mma(q_smem, kv_bufs.index(0).permute((1, 0)), s, use_acc=False)
+        # block 0 (peeled: the loop carries P V's accumulator token from it)
+        _, next_ok, _ = _block_rows(idx_row, t, 1, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
         p, alpha, m_i, l_i, l_part = _softmax_step(s, ok, m_i, l_i, l_part, qk_scale)
         p_smem.store(p.to(dtype))
         fence_async_shared()
-        gl.thread_barrier()                                          # all of P (and the last P V's reads)
-        o = o * gl.convert_layout(alpha, rows_o)[:, None]
-        o = warpgroup_mma(p_smem, kv, o)
-        mbarrier.arrive(empty.index(st), count=1)                    # both warpgroups are done with it
+        gl.thread_barrier()
+        mbarrier.wait(ready.index(1), 0)
+        s_tok = warpgroup_mma(q_smem, kv_bufs.index(1).permute((1, 0)), s, use_acc=False, is_async=True)
+        o_tok = warpgroup_mma(p_smem, kv_bufs.index(0), o, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
         ok = next_ok
+        for blk in range(1, n_blk):
+            st = blk % 2
+            _, next_ok, _ = _block_rows(idx_row, t, blk + 1, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
+            p, alpha, m_i, l_i, l_part = _softmax_step(s, ok, m_i, l_i, l_part, qk_scale)   # beside P V(blk - 1)
+            o = warpgroup_mma_wait(0, deps=(o_tok, ))
+            mbarrier.arrive(empty.index(1 - st), count=1)            # block blk - 1 is done with
+            p_smem.store(p.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()                                      # all of P
+            o = o * gl.convert_layout(alpha, rows_o)[:, None]
+            if blk + 1 < n_blk:
+                mbarrier.wait(ready.index(1 - st), ((blk + 1) // 2) & 1)
+                s_tok = warpgroup_mma(q_smem, kv_bufs.index(1 - st).permute((1, 0)), s, use_acc=False,
+                                      is_async=True)
+                o_tok = warpgroup_mma(p_smem, kv_bufs.index(st), o, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            else:
+                o_tok = warpgroup_mma(p_smem, kv_bufs.index(st), o, is_async=True)
+            ok = next_ok
+        o = warpgroup_mma_wait(0, deps=(o_tok, ))
+    else:
+        for blk in range(n_blk):
+            st = blk % 2
+            _, next_ok, _ = _block_rows(idx_row, t, blk + 1, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
+            mbarrier.wait(ready.index(st), (blk // 2) & 1)
+            kv = kv_bufs.index(st)
+            s = warpgroup_mma(q_smem, kv.permute((1, 0)), s, use_acc=False)
+            p, alpha, m_i, l_i, l_part = _softmax_step(s, ok, m_i, l_i, l_part, qk_scale)
+            p_smem.store(p.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()                                      # all of P (and the last P V's reads)
+            o = o * gl.convert_layout(alpha, rows_o)[:, None]
+            o = warpgroup_mma(p_smem, kv, o)
+            mbarrier.arrive(empty.index(st), count=1)                # both warpgroups are done with it
+            ok = next_ok
     l_i += gl.sum(l_part, axis=1)
     _finish(o, m_i, l_i, o_ptr, lse_ptr, b, t, T, so_b, so_t, so_h, o_layout, rows_s, 0, True)
 
@@ -315,7 +367,7 @@ def _attn_ws_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T
                     sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
                     C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr,
                     LOADER_WARPS: gl.constexpr, LOADER_REGS: gl.constexpr, CHUNK: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    PIPE: gl.constexpr, num_warps: gl.constexpr):
     H: gl.constexpr = 64
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     q_smem = gl.allocate_shared_memory(dtype, [H, C], gl.NVMMASharedLayout.get_default_for([H, C], dtype))
@@ -328,7 +380,7 @@ def _attn_ws_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
         (_ws_consumer, (idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, p_smem, ready, empty, T, L, S, qk_scale,
-                        skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN)),
+                        skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN, PIPE)),
         (_ws_loader, (q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T, L, S,
                       sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, C, TOPK, WINDOW, BN,
                       LOADER_WARPS, CHUNK)),
@@ -347,10 +399,10 @@ def _launch(kernel, q, kv, entries, idx, sink, num_warps, **meta):
     return o, lse
 
 
-def attention_ws(q, kv, entries, idx, sink, loader_warps=4, loader_regs=24, chunk=8):
-    """MODE "ws" (warp roles)."""
+def attention_ws(q, kv, entries, idx, sink, loader_warps=4, loader_regs=24, chunk=8, pipe=False):
+    """MODE "ws" (warp roles); pipe=True is MODE "pipe"."""
     return _launch(_attn_ws_kernel, q, kv, entries, idx, sink, 8, LOADER_WARPS=loader_warps,
-                   LOADER_REGS=loader_regs, CHUNK=chunk)
+                   LOADER_REGS=loader_regs, CHUNK=chunk, PIPE=pipe)
 
 
 # MODE "splitk": each consumer warpgroup owns one half of the C = 512 columns end to end. Warpgroup g
@@ -452,6 +504,143 @@ def attention_splitk(q, kv, entries, idx, sink, chunk=8):
     return _launch(_attn_sk_kernel, q, kv, entries, idx, sink, 4, CHUNK=chunk)
 
 
+# MODE "lead": one leader warpgroup computes all of S = Q K^T for a block (an m64n64 tile over K = 512:
+# Q and K each read once from shared memory, where "sync" reads Q twice for two m64n32 halves), runs the
+# softmax on whole rows (no cross-warpgroup max), hands P and alpha to the follower warpgroup through
+# shared memory (two buffers, mbarriers), and runs P V for columns 0 .. C/2 with P from its registers,
+# issuing S of the next block behind it. The follower only rescales and runs P V for columns C/2 .. C.
+# The "ws" loader fills the two stages; a stage is free once both warpgroups' P V have read it.
+
+@gluon.jit
+def _lead_math(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, p_smem, a_smem, l_smem, ready, empty, pready,
+               pfree, done, T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
+               C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr):
+    H: gl.constexpr = 64
+    CH: gl.constexpr = C // 2
+    dtype: gl.constexpr = q_smem.dtype
+    t = gl.program_id(0).to(gl.int64)
+    b = gl.program_id(1).to(gl.int64)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, CH, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    idx_row = idx_ptr + b * si_b + t * si_t
+    N_SEL: gl.constexpr = TOPK // BN
+    n_blk: gl.constexpr = N_SEL + WINDOW // BN
+    _, ok, _ = _block_rows(idx_row, t, 0, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
+    m_i = gl.load(sink_ptr + gl.arange(0, H, layout=rows_s)).to(gl.float32) * LOG2E_C
+    l_i = gl.full([H], 1.0, gl.float32, rows_s)
+    o = gl.zeros([H, CH], gl.float32, o_layout)
+    s = gl.zeros([H, BN], gl.float32, s_layout)
+    mbarrier.wait(ready.index(0), 0)
+    s = warpgroup_mma(q_smem, kv_bufs.index(0).permute((1, 0)), s, use_acc=False)
+    for blk in range(n_blk):
+        st = blk % 2
+        _, next_ok, _ = _block_rows(idx_row, t, blk + 1, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
+        s = gl.where(ok[None, :], s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))                  # whole rows: shuffles in a warp
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        pb = p.to(dtype)
+        mbarrier.wait(pfree.index(st), ((blk // 2) & 1) ^ 1)         # the follower is done with block blk - 2's
+        p_smem.index(st).store(pb)
+        a_smem.index(st).store(alpha)
+        fence_async_shared()
+        mbarrier.arrive(pready.index(st), count=1)
+        o = o * gl.convert_layout(alpha, rows_o)[:, None]
+        o_tok = warpgroup_mma(gl.convert_layout(pb, p_layout), kv_bufs.index(st).slice(0, CH, dim=1), o,
+                              is_async=True)
+        if blk + 1 < n_blk:
+            mbarrier.wait(ready.index(1 - st), ((blk + 1) // 2) & 1)
+            s_tok = warpgroup_mma(q_smem, kv_bufs.index(1 - st).permute((1, 0)), s, use_acc=False, is_async=True)
+            o = warpgroup_mma_wait(1, deps=(o_tok, ))
+            mbarrier.arrive(empty.index(st), count=1)
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+        else:
+            o = warpgroup_mma_wait(0, deps=(o_tok, ))
+            mbarrier.arrive(empty.index(st), count=1)
+        ok = next_ok
+    l_smem.store(l_i)
+    mbarrier.arrive(done, count=1)
+    _finish(o, m_i, l_i, o_ptr, lse_ptr, b, t, T, so_b, so_t, so_h, o_layout, rows_s, 0, True)
+
+
+@gluon.jit
+def _lead_follow(o_ptr, lse_ptr, kv_bufs, p_smem, a_smem, l_smem, ready, empty, pready, pfree, done, T,
+                 so_b, so_t, so_h, C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr):
+    H: gl.constexpr = 64
+    CH: gl.constexpr = C // 2
+    t = gl.program_id(0).to(gl.int64)
+    b = gl.program_id(1).to(gl.int64)
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, CH, 16])
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    n_blk: gl.constexpr = TOPK // BN + WINDOW // BN
+    o = gl.zeros([H, CH], gl.float32, o_layout)
+    for blk in range(n_blk):
+        st = blk % 2
+        mbarrier.wait(pready.index(st), (blk // 2) & 1)
+        alpha = a_smem.index(st).load(rows_o)
+        o = o * alpha[:, None]
+        o = warpgroup_mma(p_smem.index(st), kv_bufs.index(st).slice(CH, CH, dim=1), o)
+        mbarrier.arrive(pfree.index(st), count=1)
+        mbarrier.arrive(empty.index(st), count=1)
+    mbarrier.wait(done, 0)
+    l_i = l_smem.load(rows_o)
+    _finish(o, l_i, l_i, o_ptr, lse_ptr, b, t, T, so_b, so_t, so_h, o_layout, rows_o, CH, False)
+
+
+@gluon.jit
+def _attn_lead_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T, L, S, qk_scale,
+                      sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
+                      C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr,
+                      CHUNK: gl.constexpr, FOLLOW_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                      PREFETCH: gl.constexpr, NO_GATHER: gl.constexpr, num_warps: gl.constexpr):
+    H: gl.constexpr = 64
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    q_smem = gl.allocate_shared_memory(dtype, [H, C], gl.NVMMASharedLayout.get_default_for([H, C], dtype))
+    kv_bufs = gl.allocate_shared_memory(dtype, [2, BN, C], gl.NVMMASharedLayout.get_default_for([BN, C], dtype))
+    p_smem = gl.allocate_shared_memory(dtype, [2, H, BN], gl.NVMMASharedLayout.get_default_for([H, BN], dtype))
+    vec_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    a_smem = gl.allocate_shared_memory(gl.float32, [2, H], vec_layout)       # (the layout of one of the two)
+    l_smem = gl.allocate_shared_memory(gl.float32, [H], vec_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    pready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    pfree = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)                       # the leader and the follower
+        mbarrier.init(pready.index(i), count=1)
+        mbarrier.init(pfree.index(i), count=1)
+    mbarrier.init(done, count=1)
+    gl.warp_specialize([
+        (_lead_math, (idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, p_smem, a_smem, l_smem, ready, empty,
+                      pready, pfree, done, T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
+                      C, TOPK, WINDOW, BN)),
+        (_lead_follow, (o_ptr, lse_ptr, kv_bufs, p_smem, a_smem, l_smem, ready, empty, pready, pfree, done, T,
+                        so_b, so_t, so_h, C, TOPK, WINDOW, BN)),
+        (_ws_loader, (q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T, L, S,
+                      sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, C, TOPK, WINDOW, BN,
+                      4, CHUNK, PREFETCH, NO_GATHER)),
+    ], [4, 4], [FOLLOW_REGS, LOADER_REGS])
+
+
+def attention_lead(q, kv, entries, idx, sink, chunk=8, follow_regs=192, loader_regs=32, prefetch=False,
+                   no_gather=False):
+    """MODE "lead"."""
+    return _launch(_attn_lead_kernel, q, kv, entries, idx, sink, 4, CHUNK=chunk, FOLLOW_REGS=follow_regs,
+                   LOADER_REGS=loader_regs, PREFETCH=prefetch, NO_GATHER=no_gather)
+
+
+
 def attention(q, kv, entries, idx, sink, overlap=False, no_mma=False, no_gather=False):
     """MODES "sync" and "overlap", and the diagnostics."""
     return _launch(_attn_kernel, q, kv, entries, idx, sink, 8, OVERLAP=overlap, NO_MMA=no_mma,
@@ -474,28 +663,39 @@ def main():
 
     from kernels import csa_select as cs
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    from kernels import sparse_attention_hopper as sah
+
+    def promoted(q, kv, entries, idx, sink):
+        o, lse = torch.empty_like(q), torch.empty(q.shape[:3], device=q.device)
+        sah.launch(q, kv, entries, idx, sink, o, lse, WINDOW, C ** -0.5)
+        return o, lse
+
     for T, S, L, holes in [(64, 1000, 64 + WINDOW - 1, False), (100, 2000, 100, True), (256, 16384, 256 + WINDOW - 1, True)]:
         q, kv, entries, idx, sink = inputs(T, S, L, holes=holes)
         want_o, want_lse = cs.sparse_attention_reference(q, kv, entries, idx, sink, 10 ** 6, WINDOW, return_lse=True)
-        for name, run in (("sync", attention), ("overlap", lambda *a: attention(*a, overlap=True)),
-                          ("ws", attention_ws), ("splitk", attention_splitk)):
+        for name, run in (("ws", attention_ws), ("lead", attention_lead),
+                          ("lead, chunk 32", lambda *a: attention_lead(*a, chunk=32, loader_regs=96, follow_regs=160)),
+                          ("kernels/sparse_attention_hopper.py", promoted)):
             o, lse = run(q, kv, entries, idx, sink)
             err_o = ((o.float() - want_o.float()).norm() / want_o.float().norm()).item()
             err_lse = (lse - want_lse).abs().max().item()
             verdict = "ok" if err_o < 1e-2 and err_lse < 1e-2 else "FAILED"
             print(f"check T={T} S={S} L={L} holes={holes} {name}: o {err_o:.2e}, lse {err_lse:.2e} -> {verdict}",
                   flush=True)
-    variants = [("sync", attention, {}), ("overlap", attention, dict(overlap=True)),
-                ("sync, no MMA", attention, dict(no_mma=True)), ("sync, no gather", attention, dict(no_gather=True)),
-                ("ws, 4 loader warps, chunks of 8 rows", attention_ws, {}),
-                ("ws, 4 loader warps, chunks of 16 rows", attention_ws, dict(chunk=16)),
-                ("splitk", attention_splitk, {})]
+    variants = [("ws, 4 loader warps, chunks of 8 rows", attention_ws, {}),
+                ("lead, chunks of 16 (loader 40 regs), indices prefetched", attention_lead,
+                 dict(chunk=16, loader_regs=40, prefetch=True)),
+                ("lead, chunks of 32 (loader 96 regs, follower 160)", attention_lead,
+                 dict(chunk=32, loader_regs=96, follow_regs=160)),
+                ("kernels/sparse_attention_hopper.py", promoted, {})]
     for T in (4096, 16384):
         q, kv, entries, idx, sink = inputs(T, 16384, T + WINDOW - 1)
         flops = 4 * T * N_H * C * (TOPK + WINDOW)
         blocks = T * (TOPK + WINDOW) // BN
+        cs._ATTENTION_GLUON = False                          # the `tl` kernel
         ms = do_bench(lambda: cs._sparse_attention_triton(q, kv, entries, idx, sink, 0, WINDOW, C ** -0.5),
                       warmup=50, rep=300)
+        cs._ATTENTION_GLUON = True
         print(f"T={T}  tl kernel: {flops / ms / 1e9:.0f} TFLOP/s, {ms * 1e6 / blocks * 132:.0f} ns a block per SM",
               flush=True)
         for name, run, kw in variants:

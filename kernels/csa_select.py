@@ -59,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import sparse_attention_hopper
 from kernels.fp8_gemm import BLOCK, FP8_DTYPE, _num_sms, _round_to_e4m3_grid, _ue8m0_scale, act_quant
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -79,6 +80,7 @@ _TOPK_WARPS_FEW_ROWS = 8
 # (`_grid_topk_kernel`) where the rows' programs fit one wave of the GPU, else the merge tree; "tree":
 # the merge tree always
 _DECODE_TOPK = "grid"
+_ATTENTION_GLUON = True           # the sparse attention in Gluon on Hopper at V4's shapes (False: always `tl`)
 
 
 def _dot_precision(dtype: torch.dtype):
@@ -607,7 +609,10 @@ def _sparse_attention_triton(q, kv, entries, entry_idx, attn_sink, t0: int, wind
             scale * _LOG2E, *q.stride(), *kv.stride(), *entries.stride(), *entry_idx.stride(), *o.stride())
     meta = dict(N_H=n_h, C=c, C_PAD=max(16, triton.next_power_of_2(c)), TOPK=entry_idx.shape[-1],
                 WINDOW=window_size, DOT_PRECISION=_dot_precision(q.dtype))
-    if _INTERPRET:
+    if _ATTENTION_GLUON and not _INTERPRET and sparse_attention_hopper.supported(q, kv, entries, entry_idx,
+                                                                                 window_size):
+        sparse_attention_hopper.launch(q, kv, entries, entry_idx, attn_sink, o, lse, window_size, scale)
+    elif _INTERPRET:
         hb = min(64, max(16, triton.next_power_of_2(n_h)))
         _sparse_attention_kernel[(T, triton.cdiv(n_h, hb), B)](*args, **meta, HB=hb, BN=16)
     else:
