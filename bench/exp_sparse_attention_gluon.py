@@ -1,4 +1,8 @@
-"""Experiment (prepared in the sixth session, not yet run on a GPU): CSA's sparse attention in Gluon.
+"""Experiment (sixth and seventh sessions, measured on an H200): CSA's sparse attention in Gluon.
+
+Outcome. The "lead" schedule below won (322-331 TFLOP/s against 258-269 for `tl`) and now lives, cleaned
+up, in kernels/sparse_attention_hopper.py; every schedule's figures are in RESULTS.md (issue 10, seventh
+session). This file stays as the record of what was measured and how, and to rerun it.
 
 Why. The `tl` kernel (kernels/csa_select.py, kernel 3) stops at 259-268 TFLOP/s on an H200 against the
 320 of issue 10. The sixth session measured a first Gluon version (git 57f963f): S = Q K^T split by
@@ -27,6 +31,14 @@ MODE "splitk"   (`attention_splitk`) each consumer warpgroup owns half of the 51
                 through shared memory with mbarriers, the softmax on the whole S done by both (no
                 cross-warpgroup reduction), P kept in registers as the A operand of P V[:, its half];
                 the "ws" loader. 224 KB of shared memory.
+MODE "pipe"     "ws" with the consumers issuing the next block's S before this block's P V, so the
+                softmax of block j + 1 runs while P V(j) is on the tensor cores (needs block j + 1 a
+                step earlier: with two stages the gathers then stall it).
+MODE "lead"     (`attention_lead`) a leader warpgroup computes all of S (m64n64 over K = 512), the softmax
+                on whole rows, and P V for columns 0 .. C/2 with P from registers, issuing the next S
+                behind it; a follower warpgroup gets P and alpha through shared memory and runs P V for
+                columns C/2 .. C; the "ws" loader (PREFETCH: the indices into L1 first; NO_GATHER: a
+                diagnostic).
 Diagnostics (MODE "sync"): NO_MMA skips both MMAs (S stays zero, O unchanged): the gathers, barriers and
 softmax alone. NO_GATHER gathers blocks 0 and 1 once and reuses them: the MMAs, barriers and softmax
 alone. Their times against the full kernel's say whether the gather (its latency with two stages) or
@@ -38,8 +50,7 @@ Offline compile for sm_90 with Triton 3.6 (sixth session): "sync", "overlap" and
 spills (255 / 255 / 237 / 240 registers), "ws" with the consumers at 240 and 68 bytes spilled by the
 loader (its loop-invariant values, stored once), "splitk" without spills (240 / 240 / 24 registers for
 the two math warpgroups and the loader, 229,688 bytes of shared memory), no ptxas wgmma serialisation
-warning; the results
-of the GPU run go to RESULTS.md, and this file is removed or promoted to kernels/ after it.
+warning.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@
 #   bash bench/h200_session.sh 17   one H200: CUDA checks (FP8 indexer), CSA bench, step with / without --fp8
 #   bash bench/h200_session.sh 18   (removed: the fourth session's experiments, measured in the fifth)
 #   bash bench/h200_session.sh 19   one H200: FP8 GEMM bench (kernels in turn), CSA bench, CSA CUDA tests
+#   bash bench/h200_session.sh 20   one H200: FP8 GEMM bench with the Gluon kernel, CSA CUDA tests + bench
+#   bash bench/h200_session.sh 21   one H200: the Gluon sparse attention's schedules, CSA CUDA tests + bench
 # Phases 2-9 and 12-15 train on the CPU machines' corpus: first `python bench/pack_corpus.py` here
 # (writes .data/stdlib311.tgz), then call the device with carry=[".data"].
 # Logs go to $OUT (or ./out/session) as gpuN.log; each job has its own time limit.
@@ -269,8 +271,11 @@ elif [ "$1" = 20 ]; then
   job 0 150 $PY -m pytest -q -x tests/test_csa_select.py
   job 0 200 $PY bench/bench_csa_select.py --attention-tokens 4096
 elif [ "$1" = 21 ]; then
-  # prepared in the sixth session for the next: the Gluon sparse attention's schedules and diagnostics
+  # the seventh session (one H200): the Gluon sparse attention's schedules side by side, then the CSA
+  # kernels' CUDA tests and bench with kernels/sparse_attention_hopper.py
   job 0 200 $PY bench/exp_sparse_attention_gluon.py
+  job 0 200 $PY -m pytest -q -x tests/test_csa_select.py
+  job 0 200 $PY bench/bench_csa_select.py --attention-tokens 4096 16384
 elif [ "$1" = 5 ]; then
   corpus
   fsdp 1 0; fsdp 2 0,1; fsdp 4 0,1,2,3     # FSDP2 scaling, each size alone on the machine

@@ -43,6 +43,10 @@ Kernels:
 - `_sparse_attention_kernel`: one program per (query, group of heads). All heads of the group share
   the one K == V head, so each gathered row is loaded once for all of them (heads on the MMA's M).
   The sink starts the online softmax: running max = sink, running denominator = exp(sink - max) = 1.
+  On Hopper at V4's shapes (bf16, head dim 512, heads in groups of 64, k and window multiples of 64)
+  `kernels/sparse_attention_hopper.py` runs instead: the same contract in Gluon with warp roles (a
+  loader, a warpgroup for S, the softmax and half of P V, one for the other half), 324-332 against
+  259-268 TFLOP/s on an H200 (RESULTS.md); `_ATTENTION_GLUON = False` keeps the `tl` kernel.
 
 Backward: the sparse attention's gradient recomputes the reference under autograd (a documented
 fallback: correct, but it materialises the reference's [B, T, n_h, k + n_win] tensors). The selection

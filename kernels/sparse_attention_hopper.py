@@ -27,7 +27,7 @@ so the gather's latency and the MMAs' waits add up. Here each step has its own w
 The O accumulator [64, 512] fp32 is split by columns between the two warpgroups (128 registers a
 thread each). `bench/exp_sparse_attention_gluon.py` holds the other schedules measured on the way
 (both warpgroups computing halves of S, a loader with the same math schedule, split-K, P V overlapped
-with the next S): this one was the fastest, 322-325 TFLOP/s against 261-268 for `tl` (RESULTS.md).
+with the next S): this one was the fastest: 324-332 TFLOP/s against 259-268 for `tl` (RESULTS.md).
 
 Limits (`supported` says which inputs qualify; kernels/csa_select.py uses the `tl` kernel for the rest):
 CUDA capability 9.x, a Triton with Gluon's Hopper modules (written for 3.6), bf16, head dim 512, a head
