@@ -1,7 +1,7 @@
 """Experiment (sixth and seventh sessions, measured on an H200): CSA's sparse attention in Gluon.
 
-Outcome. The "lead" schedule below won (322-331 TFLOP/s against 258-269 for `tl`) and now lives, cleaned
-up, in kernels/sparse_attention_hopper.py; every schedule's figures are in RESULTS.md (issue 10, seventh
+Outcome. The "lead" schedule (322-331 TFLOP/s against 258-269 for `tl`) won and lives in
+kernels/sparse_attention_hopper.py; every schedule's figures are in RESULTS.md (issue 10, seventh
 session). This file stays as the record of what was measured and how, and to rerun it.
 
 Why. The `tl` kernel (kernels/csa_select.py, kernel 3) stops at 259-268 TFLOP/s on an H200 against the
@@ -34,11 +34,11 @@ MODE "splitk"   (`attention_splitk`) each consumer warpgroup owns half of the 51
 MODE "pipe"     "ws" with the consumers issuing the next block's S before this block's P V, so the
                 softmax of block j + 1 runs while P V(j) is on the tensor cores (needs block j + 1 a
                 step earlier: with two stages the gathers then stall it).
-MODE "lead"     (`attention_lead`) a leader warpgroup computes all of S (m64n64 over K = 512), the softmax
-                on whole rows, and P V for columns 0 .. C/2 with P from registers, issuing the next S
-                behind it; a follower warpgroup gets P and alpha through shared memory and runs P V for
-                columns C/2 .. C; the "ws" loader (PREFETCH: the indices into L1 first; NO_GATHER: a
-                diagnostic).
+MODE "lead"     now kernels/sparse_attention_hopper.py (read its docstring): a leader warpgroup computes
+                all of S, the softmax on whole rows and P V for half the columns; a follower the other
+                half; the "ws" loader. Timed here from there. Its variants (chunks of 8 / 16 / 32 / 64
+                rows, the indices prefetched into L1, without gathers) were measured with this file at
+                git 4783277 (RESULTS.md).
 Diagnostics (MODE "sync"): NO_MMA skips both MMAs (S stays zero, O unchanged): the gathers, barriers and
 softmax alone. NO_GATHER gathers blocks 0 and 1 once and reuses them: the MMAs, barriers and softmax
 alone. Their times against the full kernel's say whether the gather (its latency with two stages) or
@@ -68,40 +68,19 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy  # noqa:
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,  # noqa: E402
                                                               warpgroup_mma, warpgroup_mma_wait)
 
+# the row lookup, the gather and the loader partition are the kernel's (kernels/sparse_attention_hopper.py)
+from kernels.sparse_attention_hopper import _gather, _loader as _ws_loader, _rows  # noqa: E402
+
 N_H, C, WINDOW, TOPK, BN = 64, 512, 128, 512, 64
 LOG2E = 1.4426950408889634
 LOG2E_C = gl.constexpr(LOG2E)                    # (kernels read globals only as constexprs)
 
 
 @gluon.jit
-def _chunk_rows(idx_ptr, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL: gl.constexpr, WINDOW: gl.constexpr,
-                BN: gl.constexpr, layout: gl.constexpr, R0: gl.constexpr, ROWS: gl.constexpr):
-    """Rows R0 .. R0+ROWS-1 of block blk (1-D, `layout`): (offset from its tensor's base, valid?, from
-    the entries?). Blocks 0 .. N_SEL-1 are the selected entries, the rest the window."""
-    j = R0 + gl.arange(0, ROWS, layout=layout)
-    from_entries = blk < N_SEL
-    sel = gl.load(idx_ptr + (blk * BN + j) * si_k, mask=(j >= 0) & from_entries, other=-1)
-    w = (blk - N_SEL) * BN + j                                  # window slot
-    r = t + L - T - WINDOW + 1 + w                              # its kv row
-    ok = gl.where(from_entries, (sel >= 0) & (sel < S), (r >= 0) & (w < WINDOW))
-    off = gl.where(from_entries, gl.where(ok, sel, 0).to(gl.int64) * se_s, gl.where(ok, r, 0).to(gl.int64) * skv_t)
-    return off, ok, from_entries
-
-
-@gluon.jit
 def _block_rows(idx_ptr, t, blk, T, L, S, si_k, se_s, skv_t,
                 N_SEL: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr, layout: gl.constexpr):
-    """All BN rows of block blk, as `_chunk_rows`."""
-    return _chunk_rows(idx_ptr, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, layout, 0, BN)
-
-
-@gluon.jit
-def _gather(dst, rows, ent_base, kv_base, C: gl.constexpr, layout: gl.constexpr):
-    """Start copying a block's rows [BN, C] into dst (cp.async, 16 bytes a copy; zeros where invalid)."""
-    off, ok, from_entries = rows
-    c = gl.arange(0, C, layout=gl.SliceLayout(0, layout))
-    ptrs = gl.where(from_entries, ent_base, kv_base) + off[:, None] + c[None, :]
-    async_copy.async_copy_global_to_shared(dst, ptrs, mask=ok[:, None])
+    """All BN rows of block blk, as `_rows`."""
+    return _rows(idx_ptr, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, layout, 0, BN)
 
 
 @gluon.jit
@@ -240,59 +219,10 @@ def _attn_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T, L
 
 
 
-# MODE "ws": warp roles. A loader partition (LOADER_WARPS warps) gathers each block into its stage once
+# MODE "ws": warp roles. A loader partition (4 warps) gathers each block into its stage once
 # the consumers have released it, and signals it with an mbarrier; the two consumer warpgroups (the
 # default partition) never issue a copy or wait on a copy group: per block they wait for "ready", run
 # the "sync" schedule, and release the stage ("empty") after its P V.
-
-@gluon.jit
-def _ws_loader(q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T, L, S,
-               sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k,
-               C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr,
-               LOADER_WARPS: gl.constexpr, CHUNK: gl.constexpr, PREFETCH: gl.constexpr = False,
-               NO_GATHER: gl.constexpr = False):
-    """Gathers CHUNK rows at a time (few registers: the consumers keep nearly all of them). PREFETCH:
-    first pull all of the query's TOPK indices into L1 (`prefetch.global.L1`), so that each chunk's index
-    load, on which its copies wait, hits L1 rather than L2. NO_GATHER (diagnostic): blocks 0 and 1 only,
-    the later stages are handed over as they are."""
-    t = gl.program_id(0).to(gl.int64)
-    b = gl.program_id(1).to(gl.int64)
-    ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[1, 32],
-                                               warps_per_cta=[LOADER_WARPS, 1], order=[1, 0])
-    rows_g: gl.constexpr = gl.SliceLayout(1, ld_layout)
-    c = gl.arange(0, C, layout=gl.SliceLayout(0, ld_layout))
-    idx_row = idx_ptr + b * si_b + t * si_t
-    ent_base = ent_ptr + b * se_b
-    kv_base = kv_ptr + b * skv_b
-    N_SEL: gl.constexpr = TOPK // BN
-    n_blk: gl.constexpr = N_SEL + WINDOW // BN
-    for h0 in gl.static_range(0, 64, CHUNK):                         # the query's heads
-        h = h0 + gl.arange(0, CHUNK, layout=rows_g)
-        async_copy.async_copy_global_to_shared(q_smem.slice(h0, CHUNK),
-                                               q_ptr + b * sq_b + t * sq_t + h[:, None] * sq_h + c[None, :])
-    if PREFETCH:
-        pf_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1], threads_per_warp=[32],
-                                                   warps_per_cta=[LOADER_WARPS], order=[0])
-        k = gl.arange(0, TOPK, layout=pf_layout)
-        gl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [idx_row + k * si_k],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-    for blk in range(n_blk):
-        st = blk % 2
-        # the first chunk's rows before the wait: their index loads' latency hides behind it
-        rows = _chunk_rows(idx_row, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, rows_g, 0, CHUNK)
-        mbarrier.wait(empty.index(st), ((blk // 2) & 1) ^ 1)         # the first pass goes straight on
-        if (not NO_GATHER) or (blk < 2):
-            _gather(kv_bufs.index(st).slice(0, CHUNK), rows, ent_base, kv_base, C, ld_layout)
-            for r0 in gl.static_range(CHUNK, BN, CHUNK):
-                rows = _chunk_rows(idx_row, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, rows_g, r0,
-                                   CHUNK)
-                _gather(kv_bufs.index(st).slice(r0, CHUNK), rows, ent_base, kv_base, C, ld_layout)
-        async_copy.commit_group()
-        async_copy.wait_group(0)
-        fence_async_shared()                                         # before the consumers' wgmma reads
-        gl.thread_barrier()                                          # every loader thread's copies
-        mbarrier.arrive(ready.index(st), count=1)
-
 
 @gluon.jit
 def _ws_consumer(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, p_smem, ready, empty, T, L, S, qk_scale,
@@ -377,7 +307,7 @@ def _ws_consumer(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, p_smem, rea
 def _attn_ws_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T, L, S, qk_scale,
                     sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
                     C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr,
-                    LOADER_WARPS: gl.constexpr, LOADER_REGS: gl.constexpr, CHUNK: gl.constexpr,
+                    LOADER_REGS: gl.constexpr, CHUNK: gl.constexpr,
                     PIPE: gl.constexpr, num_warps: gl.constexpr):
     H: gl.constexpr = 64
     dtype: gl.constexpr = q_ptr.dtype.element_ty
@@ -394,8 +324,8 @@ def _attn_ws_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T
                         skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN, PIPE)),
         (_ws_loader, (q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T, L, S,
                       sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, C, TOPK, WINDOW, BN,
-                      LOADER_WARPS, CHUNK)),
-    ], [LOADER_WARPS], [LOADER_REGS])
+                      CHUNK)),
+    ], [4], [LOADER_REGS])
 
 
 def _launch(kernel, q, kv, entries, idx, sink, num_warps, **meta):
@@ -410,10 +340,9 @@ def _launch(kernel, q, kv, entries, idx, sink, num_warps, **meta):
     return o, lse
 
 
-def attention_ws(q, kv, entries, idx, sink, loader_warps=4, loader_regs=24, chunk=8, pipe=False):
-    """MODE "ws" (warp roles); pipe=True is MODE "pipe"."""
-    return _launch(_attn_ws_kernel, q, kv, entries, idx, sink, 8, LOADER_WARPS=loader_warps,
-                   LOADER_REGS=loader_regs, CHUNK=chunk, PIPE=pipe)
+def attention_ws(q, kv, entries, idx, sink, loader_regs=24, chunk=8, pipe=False):
+    """MODE "ws" (warp roles: a 4-warp loader); pipe=True is MODE "pipe"."""
+    return _launch(_attn_ws_kernel, q, kv, entries, idx, sink, 8, LOADER_REGS=loader_regs, CHUNK=chunk, PIPE=pipe)
 
 
 # MODE "splitk": each consumer warpgroup owns one half of the C = 512 columns end to end. Warpgroup g
@@ -506,150 +435,13 @@ def _attn_sk_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T
                     T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h, C, TOPK, WINDOW, BN, 1)),
         (_ws_loader, (q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T, L, S,
                       sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, C, TOPK, WINDOW, BN,
-                      4, CHUNK)),
+                      CHUNK)),
     ], [4, 4], [240, 24])
 
 
 def attention_splitk(q, kv, entries, idx, sink, chunk=8):
     """MODE "splitk"."""
     return _launch(_attn_sk_kernel, q, kv, entries, idx, sink, 4, CHUNK=chunk)
-
-
-# MODE "lead": one leader warpgroup computes all of S = Q K^T for a block (an m64n64 tile over K = 512:
-# Q and K each read once from shared memory, where "sync" reads Q twice for two m64n32 halves), runs the
-# softmax on whole rows (no cross-warpgroup max), hands P and alpha to the follower warpgroup through
-# shared memory (two buffers, mbarriers), and runs P V for columns 0 .. C/2 with P from its registers,
-# issuing S of the next block behind it. The follower only rescales and runs P V for columns C/2 .. C.
-# The "ws" loader fills the two stages; a stage is free once both warpgroups' P V have read it.
-
-@gluon.jit
-def _lead_math(idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, p_smem, a_smem, l_smem, ready, empty, pready,
-               pfree, done, T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
-               C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr):
-    H: gl.constexpr = 64
-    CH: gl.constexpr = C // 2
-    dtype: gl.constexpr = q_smem.dtype
-    t = gl.program_id(0).to(gl.int64)
-    b = gl.program_id(1).to(gl.int64)
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BN, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, CH, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    idx_row = idx_ptr + b * si_b + t * si_t
-    N_SEL: gl.constexpr = TOPK // BN
-    n_blk: gl.constexpr = N_SEL + WINDOW // BN
-    _, ok, _ = _block_rows(idx_row, t, 0, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
-    m_i = gl.load(sink_ptr + gl.arange(0, H, layout=rows_s)).to(gl.float32) * LOG2E_C
-    l_i = gl.full([H], 1.0, gl.float32, rows_s)
-    o = gl.zeros([H, CH], gl.float32, o_layout)
-    s = gl.zeros([H, BN], gl.float32, s_layout)
-    mbarrier.wait(ready.index(0), 0)
-    s = warpgroup_mma(q_smem, kv_bufs.index(0).permute((1, 0)), s, use_acc=False)
-    for blk in range(n_blk):
-        st = blk % 2
-        _, next_ok, _ = _block_rows(idx_row, t, blk + 1, T, L, S, si_k, se_s, skv_t, N_SEL, WINDOW, BN, cols_s)
-        s = gl.where(ok[None, :], s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))                  # whole rows: shuffles in a warp
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
-        pb = p.to(dtype)
-        mbarrier.wait(pfree.index(st), ((blk // 2) & 1) ^ 1)         # the follower is done with block blk - 2's
-        p_smem.index(st).store(pb)
-        a_smem.index(st).store(alpha)
-        fence_async_shared()
-        mbarrier.arrive(pready.index(st), count=1)
-        o = o * gl.convert_layout(alpha, rows_o)[:, None]
-        o_tok = warpgroup_mma(gl.convert_layout(pb, p_layout), kv_bufs.index(st).slice(0, CH, dim=1), o,
-                              is_async=True)
-        if blk + 1 < n_blk:
-            mbarrier.wait(ready.index(1 - st), ((blk + 1) // 2) & 1)
-            s_tok = warpgroup_mma(q_smem, kv_bufs.index(1 - st).permute((1, 0)), s, use_acc=False, is_async=True)
-            o = warpgroup_mma_wait(1, deps=(o_tok, ))
-            mbarrier.arrive(empty.index(st), count=1)
-            s = warpgroup_mma_wait(0, deps=(s_tok, ))
-        else:
-            o = warpgroup_mma_wait(0, deps=(o_tok, ))
-            mbarrier.arrive(empty.index(st), count=1)
-        ok = next_ok
-    l_smem.store(l_i)
-    mbarrier.arrive(done, count=1)
-    _finish(o, m_i, l_i, o_ptr, lse_ptr, b, t, T, so_b, so_t, so_h, o_layout, rows_s, 0, True)
-
-
-@gluon.jit
-def _lead_follow(o_ptr, lse_ptr, kv_bufs, p_smem, a_smem, l_smem, ready, empty, pready, pfree, done, T,
-                 so_b, so_t, so_h, C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr):
-    H: gl.constexpr = 64
-    CH: gl.constexpr = C // 2
-    t = gl.program_id(0).to(gl.int64)
-    b = gl.program_id(1).to(gl.int64)
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, CH, 16])
-    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    n_blk: gl.constexpr = TOPK // BN + WINDOW // BN
-    o = gl.zeros([H, CH], gl.float32, o_layout)
-    for blk in range(n_blk):
-        st = blk % 2
-        mbarrier.wait(pready.index(st), (blk // 2) & 1)
-        alpha = a_smem.index(st).load(rows_o)
-        o = o * alpha[:, None]
-        o = warpgroup_mma(p_smem.index(st), kv_bufs.index(st).slice(CH, CH, dim=1), o)
-        mbarrier.arrive(pfree.index(st), count=1)
-        mbarrier.arrive(empty.index(st), count=1)
-    mbarrier.wait(done, 0)
-    l_i = l_smem.load(rows_o)
-    _finish(o, l_i, l_i, o_ptr, lse_ptr, b, t, T, so_b, so_t, so_h, o_layout, rows_o, CH, False)
-
-
-@gluon.jit
-def _attn_lead_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr, T, L, S, qk_scale,
-                      sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
-                      C: gl.constexpr, TOPK: gl.constexpr, WINDOW: gl.constexpr, BN: gl.constexpr,
-                      CHUNK: gl.constexpr, FOLLOW_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                      PREFETCH: gl.constexpr, NO_GATHER: gl.constexpr, num_warps: gl.constexpr):
-    H: gl.constexpr = 64
-    dtype: gl.constexpr = q_ptr.dtype.element_ty
-    q_smem = gl.allocate_shared_memory(dtype, [H, C], gl.NVMMASharedLayout.get_default_for([H, C], dtype))
-    kv_bufs = gl.allocate_shared_memory(dtype, [2, BN, C], gl.NVMMASharedLayout.get_default_for([BN, C], dtype))
-    p_smem = gl.allocate_shared_memory(dtype, [2, H, BN], gl.NVMMASharedLayout.get_default_for([H, BN], dtype))
-    vec_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-    a_smem = gl.allocate_shared_memory(gl.float32, [2, H], vec_layout)       # (the layout of one of the two)
-    l_smem = gl.allocate_shared_memory(gl.float32, [H], vec_layout)
-    ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    pready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    pfree = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)                       # the leader and the follower
-        mbarrier.init(pready.index(i), count=1)
-        mbarrier.init(pfree.index(i), count=1)
-    mbarrier.init(done, count=1)
-    gl.warp_specialize([
-        (_lead_math, (idx_ptr, sink_ptr, o_ptr, lse_ptr, q_smem, kv_bufs, p_smem, a_smem, l_smem, ready, empty,
-                      pready, pfree, done, T, L, S, qk_scale, skv_t, se_s, si_b, si_t, si_k, so_b, so_t, so_h,
-                      C, TOPK, WINDOW, BN)),
-        (_lead_follow, (o_ptr, lse_ptr, kv_bufs, p_smem, a_smem, l_smem, ready, empty, pready, pfree, done, T,
-                        so_b, so_t, so_h, C, TOPK, WINDOW, BN)),
-        (_ws_loader, (q_ptr, kv_ptr, ent_ptr, idx_ptr, q_smem, kv_bufs, ready, empty, T, L, S,
-                      sq_b, sq_t, sq_h, skv_b, skv_t, se_b, se_s, si_b, si_t, si_k, C, TOPK, WINDOW, BN,
-                      4, CHUNK, PREFETCH, NO_GATHER)),
-    ], [4, 4], [FOLLOW_REGS, LOADER_REGS])
-
-
-def attention_lead(q, kv, entries, idx, sink, chunk=8, follow_regs=192, loader_regs=32, prefetch=False,
-                   no_gather=False):
-    """MODE "lead"."""
-    return _launch(_attn_lead_kernel, q, kv, entries, idx, sink, 4, CHUNK=chunk, FOLLOW_REGS=follow_regs,
-                   LOADER_REGS=loader_regs, PREFETCH=prefetch, NO_GATHER=no_gather)
-
 
 
 def attention(q, kv, entries, idx, sink, overlap=False, no_mma=False, no_gather=False):
@@ -684,21 +476,21 @@ def main():
     for T, S, L, holes in [(64, 1000, 64 + WINDOW - 1, False), (100, 2000, 100, True), (256, 16384, 256 + WINDOW - 1, True)]:
         q, kv, entries, idx, sink = inputs(T, S, L, holes=holes)
         want_o, want_lse = cs.sparse_attention_reference(q, kv, entries, idx, sink, 10 ** 6, WINDOW, return_lse=True)
-        for name, run in (("ws", attention_ws), ("lead", attention_lead),
-                          ("lead, chunk 32", lambda *a: attention_lead(*a, chunk=32, loader_regs=96, follow_regs=160)),
-                          ("kernels/sparse_attention_hopper.py", promoted)):
+        for name, run in (("sync", attention), ("overlap", lambda *a: attention(*a, overlap=True)),
+                          ("ws", attention_ws), ("pipe", lambda *a: attention_ws(*a, pipe=True, loader_regs=32)),
+                          ("splitk", attention_splitk), ("lead (kernels/sparse_attention_hopper.py)", promoted)):
             o, lse = run(q, kv, entries, idx, sink)
             err_o = ((o.float() - want_o.float()).norm() / want_o.float().norm()).item()
             err_lse = (lse - want_lse).abs().max().item()
             verdict = "ok" if err_o < 1e-2 and err_lse < 1e-2 else "FAILED"
             print(f"check T={T} S={S} L={L} holes={holes} {name}: o {err_o:.2e}, lse {err_lse:.2e} -> {verdict}",
                   flush=True)
-    variants = [("ws, 4 loader warps, chunks of 8 rows", attention_ws, {}),
-                ("lead, chunks of 16 (loader 40 regs), indices prefetched", attention_lead,
-                 dict(chunk=16, loader_regs=40, prefetch=True)),
-                ("lead, chunks of 32 (loader 96 regs, follower 160)", attention_lead,
-                 dict(chunk=32, loader_regs=96, follow_regs=160)),
-                ("kernels/sparse_attention_hopper.py", promoted, {})]
+    variants = [("sync", attention, {}), ("overlap", attention, dict(overlap=True)),
+                ("sync, no MMA", attention, dict(no_mma=True)), ("sync, no gather", attention, dict(no_gather=True)),
+                ("ws, 4 loader warps, chunks of 8 rows", attention_ws, {}),
+                ("pipe, 4 loader warps (32 regs), chunks of 8", attention_ws, dict(pipe=True, loader_regs=32)),
+                ("splitk", attention_splitk, {}),
+                ("lead (kernels/sparse_attention_hopper.py)", promoted, {})]
     for T in (4096, 16384):
         q, kv, entries, idx, sink = inputs(T, 16384, T + WINDOW - 1)
         flops = 4 * T * N_H * C * (TOPK + WINDOW)
