@@ -532,29 +532,6 @@ def _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _start_heads(q_ptr, sink_ptr, b, t, h, c, h_ok, c_ok, sq_b, sq_t, sq_h, sq_c,
-                 HB: tl.constexpr, C_PAD: tl.constexpr):
-    """Query t's heads h [HB, C_PAD], and the online softmax (log2 units) started at the sink: running
-    max = sink, running denominator = exp(sink - max) = 1, accumulator 0."""
-    qb = tl.load(q_ptr + b * sq_b + t * sq_t + h[:, None] * sq_h + c[None, :] * sq_c,
-                 mask=h_ok[:, None] & c_ok[None, :], other=0.0)                   # [HB, C_PAD]
-    m_i = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-    l_i = tl.full([HB], 1.0, tl.float32)
-    acc = tl.zeros([HB, C_PAD], dtype=tl.float32)
-    return qb, m_i, l_i, acc
-
-
-@triton.jit
-def _finish_heads(o_ptr, lse_ptr, acc, m_i, l_i, b, t, h, c, h_ok, c_ok, T, so_b, so_t, so_h, so_c,
-                  N_H: tl.constexpr):
-    """o = acc / denominator, and the log-sum-exp (natural log, sink included)."""
-    o = acc / l_i[:, None]
-    tl.store(o_ptr + b * so_b + t * so_t + h[:, None] * so_h + c[None, :] * so_c,
-             o.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
-    tl.store(lse_ptr + (b * T + t) * N_H + h, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=h_ok)
-
-
-@triton.jit
 def _sparse_attention_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, lse_ptr,
                              T, L, S, t0, qk_scale,
                              sq_b, sq_t, sq_h, sq_c, skv_b, skv_t, skv_c, se_b, se_s, se_c,
@@ -568,7 +545,12 @@ def _sparse_attention_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, l
     c = tl.arange(0, C_PAD)
     h_ok = h < N_H
     c_ok = c < C
-    qb, m_i, l_i, acc = _start_heads(q_ptr, sink_ptr, b, t, h, c, h_ok, c_ok, sq_b, sq_t, sq_h, sq_c, HB, C_PAD)
+    qb = tl.load(q_ptr + b * sq_b + t * sq_t + h[:, None] * sq_h + c[None, :] * sq_c,
+                 mask=h_ok[:, None] & c_ok[None, :], other=0.0)                   # [HB, C_PAD]
+    # the online softmax (log2 units) starts at the sink: running max = sink, denominator exp(0) = 1
+    m_i = tl.load(sink_ptr + h, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    l_i = tl.full([HB], 1.0, tl.float32)
+    acc = tl.zeros([HB, C_PAD], dtype=tl.float32)
     j = tl.arange(0, BN)
     for k0 in range(0, TOPK, BN):                       # the selected compressed entries
         sel = tl.load(idx_ptr + b * si_b + t * si_t + (k0 + j) * si_k, mask=k0 + j < TOPK, other=-1)
@@ -584,7 +566,10 @@ def _sparse_attention_kernel(q_ptr, kv_ptr, ent_ptr, idx_ptr, sink_ptr, o_ptr, l
         kvb = tl.load(kv_ptr + b * skv_b + tl.where(ok, r, 0)[:, None] * skv_t + c[None, :] * skv_c,
                       mask=ok[:, None] & c_ok[None, :], other=0.0)
         m_i, l_i, acc = _attend(qb, kvb, ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
-    _finish_heads(o_ptr, lse_ptr, acc, m_i, l_i, b, t, h, c, h_ok, c_ok, T, so_b, so_t, so_h, so_c, N_H)
+    o = acc / l_i[:, None]
+    tl.store(o_ptr + b * so_b + t * so_t + h[:, None] * so_h + c[None, :] * so_c,
+             o.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
+    tl.store(lse_ptr + (b * T + t) * N_H + h, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=h_ok)   # sink included
 
 
 def _prune_head_groups(configs, named_args, **kwargs):
@@ -609,14 +594,15 @@ def _sparse_attention_triton(q, kv, entries, entry_idx, attn_sink, t0: int, wind
     lse = torch.empty(B, T, n_h, dtype=torch.float32, device=q.device)
     if T == 0:
         return o, lse
+    if _ATTENTION_GLUON and not _INTERPRET and sparse_attention_hopper.supported(q, kv, entries, entry_idx,
+                                                                                 window_size):
+        sparse_attention_hopper.launch(q, kv, entries, entry_idx, attn_sink, o, lse, window_size, scale)
+        return o, lse
     args = (q, kv, entries, entry_idx, attn_sink, o, lse, T, kv.shape[1], entries.shape[1], t0,
             scale * _LOG2E, *q.stride(), *kv.stride(), *entries.stride(), *entry_idx.stride(), *o.stride())
     meta = dict(N_H=n_h, C=c, C_PAD=max(16, triton.next_power_of_2(c)), TOPK=entry_idx.shape[-1],
                 WINDOW=window_size, DOT_PRECISION=_dot_precision(q.dtype))
-    if _ATTENTION_GLUON and not _INTERPRET and sparse_attention_hopper.supported(q, kv, entries, entry_idx,
-                                                                                 window_size):
-        sparse_attention_hopper.launch(q, kv, entries, entry_idx, attn_sink, o, lse, window_size, scale)
-    elif _INTERPRET:
+    if _INTERPRET:
         hb = min(64, max(16, triton.next_power_of_2(n_h)))
         _sparse_attention_kernel[(T, triton.cdiv(n_h, hb), B)](*args, **meta, HB=hb, BN=16)
     else:

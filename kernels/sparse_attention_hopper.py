@@ -54,11 +54,12 @@ HEAD_DIM = 512        # c: V4's CSA head dimension
 BN = 64               # gathered rows a block
 CHUNK = 32            # rows the loader gathers at a time
 LOADER_REGS, FOLLOWER_REGS = 96, 160      # registers a thread (the leader takes the rest: 256)
+LOG2E = 1.4426950408889634                # the kernel's softmax runs in base 2
 
 
 if HAS_GLUON:
 
-    _LOG2E = gl.constexpr(1.4426950408889634)            # (kernels read globals only as constexprs)
+    _LOG2E = gl.constexpr(LOG2E)                         # (kernels read globals only as constexprs)
 
     @gluon.jit
     def _rows(idx_row, t, blk, T, L, S, si_k, se_s, skv_t, N_SEL: gl.constexpr, WINDOW: gl.constexpr,
@@ -273,7 +274,7 @@ def launch(q, kv, entries, entry_idx, attn_sink, o, lse, window_size: int, scale
         qg, og = q[:, :, h0:h0 + HEADS], o[:, :, h0:h0 + HEADS]
         _sparse_attention_kernel[(T, B)](
             qg, kv, entries, entry_idx, attn_sink[h0:h0 + HEADS], og, lse[:, :, h0:], T, kv.shape[1], entries.shape[1],
-            n_h, scale * 1.4426950408889634, qg.stride(0), qg.stride(1), qg.stride(2), kv.stride(0), kv.stride(1),
+            n_h, scale * LOG2E, qg.stride(0), qg.stride(1), qg.stride(2), kv.stride(0), kv.stride(1),
             entries.stride(0), entries.stride(1), *entry_idx.stride(), og.stride(0), og.stride(1), og.stride(2),
             C=c, TOPK=entry_idx.shape[-1], WINDOW=window_size, BN=BN, CHUNK=CHUNK, LOADER_REGS=LOADER_REGS,
             FOLLOWER_REGS=FOLLOWER_REGS, num_warps=4)

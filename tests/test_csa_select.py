@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from kernels import csa_select
+from kernels import csa_select, sparse_attention_hopper
 from kernels.csa_select import (csa_topk, csa_topk_reference, indexer_scores, indexer_scores_reference,
                                 quantize_rows, sparse_attention, sparse_attention_reference, visible_counts)
 
@@ -192,7 +192,8 @@ def test_sparse_attention_large_logits_move_the_running_maximum():
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
 
 
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+          and sparse_attention_hopper.HAS_GLUON)
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon kernel: Hopper GPU only")
@@ -200,24 +201,20 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
     (2, 37, 64, 300, 128, 500, 37 + 127, torch.int32),     # full window
     (1, 70, 128, 200, 64, 20, 70 + 20, torch.int64),       # two head groups; window reaching position 0
 ])
-def test_gluon_sparse_attention_equals_reference(B, T, n_h, S, topk, t0, L, idx_dtype):
+def test_gluon_sparse_attention_equals_reference(B, T, n_h, S, topk, t0, L, idx_dtype, monkeypatch):
     """kernels/sparse_attention_hopper.py (V4's shape: head dim 512, 64 heads a program, window 128, bf16)
     against the fp32 reference and the `tl` kernel, with empty slots and a query with no entry."""
     q, kv, entries, idx, sink = attention_inputs(B=B, T=T, n_h=n_h, c=512, S=S, topk=topk, L=L, seed=T)
     q, kv, entries = (x.bfloat16() for x in (q, kv, entries))
     idx = idx.to(idx_dtype)
-    from kernels import sparse_attention_hopper
     assert sparse_attention_hopper.supported(q, kv, entries, idx, 128)
     o, lse = sparse_attention(q, kv, entries, idx, sink, t0, 128, use_kernel=True, return_lse=True)
     want_o, want_lse = sparse_attention_reference(q, kv, entries, idx, sink, t0, 128, return_lse=True)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-3)
     err = (o.float() - want_o.float()).norm() / want_o.float().norm()
     assert err < 8e-3, err                                                       # bf16 P and output
-    csa_select._ATTENTION_GLUON = False
-    try:
-        tl_o, tl_lse = sparse_attention(q, kv, entries, idx, sink, t0, 128, use_kernel=True, return_lse=True)
-    finally:
-        csa_select._ATTENTION_GLUON = True
+    monkeypatch.setattr(csa_select, "_ATTENTION_GLUON", False)                  # the `tl` kernel
+    tl_o, tl_lse = sparse_attention(q, kv, entries, idx, sink, t0, 128, use_kernel=True, return_lse=True)
     torch.testing.assert_close(lse, tl_lse, rtol=0, atol=2e-3)
     assert (o.float() - tl_o.float()).norm() / tl_o.float().norm() < 8e-3
 
